@@ -1,0 +1,24 @@
+# The two commands a newcomer needs: `make run Q="..."` and `make test`.
+PY ?= python3
+VENV := .venv
+Q ?= Who founded Infinigence AI?
+
+$(VENV)/.installed: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(VENV)/bin/pip install --upgrade pip
+	$(VENV)/bin/pip install -e '.[test]'
+	touch $@
+
+.PHONY: install run test redis-server
+install: $(VENV)/.installed
+
+# Answer-engine front door until the API lands: search, fetch and select passages.
+run: install
+	$(VENV)/bin/megrez-search search "$(Q)" --fetch
+
+# Tests start their own redis-server on a free port; install it if the machine lacks it.
+redis-server:
+	@command -v redis-server >/dev/null || (apt-get update && apt-get install -y redis-server)
+
+test: install redis-server
+	$(VENV)/bin/python -m pytest

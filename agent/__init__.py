@@ -1,0 +1,1 @@
+"""Per-turn LangGraph state machine: decides when to search and assembles the cited answer."""

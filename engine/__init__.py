@@ -1,0 +1,1 @@
+"""Model engines (embedded vLLM, remote OpenAI-compatible) and the Megrez protocol codec."""

@@ -1,0 +1,1 @@
+"""Search, fetch, extract and select: turning a question into cited context."""

@@ -1,0 +1,75 @@
+"""TTL caches for search results and fetched pages: Redis when configured, else in-process.
+
+Values are JSON documents. A Redis outage must not take search down, so Redis errors are
+logged and treated as cache misses.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import OrderedDict
+from typing import Any, Protocol
+
+log = logging.getLogger(__name__)
+
+
+class Cache(Protocol):
+    async def get(self, key: str) -> Any | None: ...
+    async def set(self, key: str, value: Any, ttl_s: int) -> None: ...
+
+
+class MemoryCache:
+    """Bounded LRU with per-entry expiry; enough for one process."""
+
+    def __init__(self, max_entries: int = 2048) -> None:
+        self._data: OrderedDict[str, tuple[float, str]] = OrderedDict()
+        self._max = max_entries
+
+    async def get(self, key: str) -> Any | None:
+        item = self._data.get(key)
+        if item is None:
+            return None
+        expires, raw = item
+        if expires < time.monotonic():
+            del self._data[key]
+            return None
+        self._data.move_to_end(key)
+        return json.loads(raw)
+
+    async def set(self, key: str, value: Any, ttl_s: int) -> None:
+        if ttl_s <= 0:
+            return
+        self._data[key] = (time.monotonic() + ttl_s, json.dumps(value, ensure_ascii=False))
+        self._data.move_to_end(key)
+        while len(self._data) > self._max:
+            self._data.popitem(last=False)
+
+
+class RedisCache:
+    def __init__(self, url: str, namespace: str) -> None:
+        import redis.asyncio as redis
+
+        self._redis = redis.from_url(url)
+        self._ns = namespace
+
+    async def get(self, key: str) -> Any | None:
+        try:
+            raw = await self._redis.get(f"{self._ns}:{key}")
+        except Exception as exc:  # noqa: BLE001 - any Redis failure degrades to a miss
+            log.warning("redis cache get failed: %s", exc)
+            return None
+        return None if raw is None else json.loads(raw)
+
+    async def set(self, key: str, value: Any, ttl_s: int) -> None:
+        if ttl_s <= 0:
+            return
+        try:
+            await self._redis.set(f"{self._ns}:{key}", json.dumps(value, ensure_ascii=False), ex=ttl_s)
+        except Exception as exc:  # noqa: BLE001
+            log.warning("redis cache set failed: %s", exc)
+
+
+def make_cache(redis_url: str | None, namespace: str) -> Cache:
+    return RedisCache(redis_url, namespace) if redis_url else MemoryCache()

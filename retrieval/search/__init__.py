@@ -1,0 +1,1 @@
+"""Search backends behind one interface, the fallback chain and the result cache."""
