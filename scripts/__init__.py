@@ -1,0 +1,1 @@
+"""Developer scripts: the fixture web and corpus builders over ../shared/data."""
