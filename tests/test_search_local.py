@@ -1,0 +1,256 @@
+"""BM25 over a local corpus: folders of files, JSONL, persistence, re-indexing, Chinese, dates."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from retrieval.search import local
+from retrieval.search.base import BackendMisconfigured
+from retrieval.search.local import SNIPPET_CHARS, LocalCorpusBackend, best_snippet
+
+CATS_HTML = """<!doctype html>
+<html><head><title>All about cats</title>
+<link rel="Canonical" href="https://pets.example/cats">
+<meta name="date" content="2023-04-01"></head>
+<body><article><h1>All about cats</h1>
+<p>Cats are small carnivorous mammals that were domesticated thousands of years ago.
+Domestic cats sleep for most of the day and hunt at dawn and dusk.</p>
+<p>A group of kittens is called a kindle, and a group of adult cats is called a clowder.</p>
+</article></body></html>"""
+
+VOLCANO_HTML = """<html><head><title>Volcanoes</title></head><body>
+<p>A volcano is a rupture in the crust of a planet where lava, ash and gases escape.</p></body></html>"""
+
+
+def write_folder(root: Path) -> Path:
+    corpus = root / "corpus"
+    (corpus / "nested" / "deeper").mkdir(parents=True)
+    (corpus / ".git").mkdir()
+    (corpus / "cats.html").write_text(CATS_HTML, encoding="utf-8")
+    (corpus / "nested" / "volcano.htm").write_text(VOLCANO_HTML, encoding="utf-8")
+    (corpus / "nested" / "deeper" / "rivers.md").write_text(
+        "Intro line.\n\n# Rivers of Europe\n\nThe Danube flows through ten countries before reaching the Black Sea.\n",
+        encoding="utf-8",
+    )
+    (corpus / "glaciers.txt").write_text(
+        "Glaciers are slow rivers of ice. Glaciers carve valleys.", encoding="utf-8"
+    )
+    (corpus / "notes.json").write_text('{"glaciers": "ignored, not a corpus file type"}', encoding="utf-8")
+    (corpus / ".git" / "secret.txt").write_text("glaciers hidden", encoding="utf-8")
+    return corpus
+
+
+@pytest.fixture
+def folder(tmp_path: Path) -> Path:
+    return write_folder(tmp_path)
+
+
+def write_jsonl(path: Path, docs: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(d, ensure_ascii=False) + "\n" for d in docs), encoding="utf-8")
+    return path
+
+
+async def test_folder_ranking_titles_and_urls(folder: Path, tmp_path: Path):
+    backend = LocalCorpusBackend(folder, tmp_path / "index")
+    results = await backend.search("how long do domestic cats sleep", k=3)
+    assert results[0].url == "https://pets.example/cats"  # the declared canonical URL
+    assert results[0].title == "All about cats"
+    assert results[0].engine == "local" and results[0].rank == 1
+    assert "sleep" in results[0].snippet
+
+    rivers = await backend.search("Danube Black Sea", k=3)
+    assert rivers[0].title == "Rivers of Europe"  # first Markdown heading, not the first line
+    assert rivers[0].url == (folder / "nested" / "deeper" / "rivers.md").resolve().as_uri()
+
+    glaciers = await backend.search("glaciers", k=5)
+    assert [r.title for r in glaciers] == ["glaciers"]  # .txt titled by file name; .json and .git ignored
+
+    volcano = await backend.search("lava", k=5)
+    assert volcano[0].title == "Volcanoes"
+    assert volcano[0].url == (folder / "nested" / "volcano.htm").resolve().as_uri()
+
+
+async def test_results_are_ranked_by_relevance(tmp_path: Path):
+    docs = [
+        {
+            "url": "https://x.example/1",
+            "title": "Gardens",
+            "text": "A python was seen once among roses, tulips, lilies and oaks.",
+        },
+        {"url": "https://x.example/2", "title": "Pythons and boas", "text": "Python python python snake species."},
+        {"url": "https://x.example/3", "title": "Java", "text": "Java is an island in Indonesia."},
+    ]
+    backend = LocalCorpusBackend(write_jsonl(tmp_path / "c.jsonl", docs), tmp_path / "index")
+    results = await backend.search("python", k=10)
+    assert [r.url for r in results] == ["https://x.example/2", "https://x.example/1"]
+    assert [r.rank for r in results] == [1, 2]
+    assert await backend.search("zebra", k=10) == []
+    assert await backend.search("the of and", k=10) == []  # nothing but stop words
+
+
+async def test_document_lookup(folder: Path, tmp_path: Path):
+    backend = LocalCorpusBackend(folder, tmp_path / "index")
+    (hit,) = await backend.search("clowder kindle", k=1)
+    doc = backend.document(hit.url)
+    assert doc is not None
+    assert doc["url"] == "https://pets.example/cats" and doc["title"] == "All about cats"
+    assert "clowder" in doc["text"]
+    assert doc["published"] == "2023-04-01"
+    assert backend.document("https://pets.example/cats/") == doc  # normalised lookup
+    assert backend.document("https://nowhere.example/") is None
+
+
+async def test_index_persists_and_loads_without_rebuilding(folder: Path, tmp_path: Path, monkeypatch):
+    index_dir = tmp_path / "index"
+    first = await LocalCorpusBackend(folder, index_dir).search("volcano lava", k=2)
+    assert any(index_dir.iterdir())
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("an unchanged corpus must not be read or re-indexed")
+
+    monkeypatch.setattr(local, "build_index", forbidden)
+    monkeypatch.setattr(local, "read_corpus", forbidden)
+    again = LocalCorpusBackend(folder, index_dir)
+    assert await again.search("volcano lava", k=2) == first
+    assert again.document(first[0].url)["title"] == "Volcanoes"
+
+
+async def test_changed_corpus_is_reindexed(folder: Path, tmp_path: Path, monkeypatch):
+    index_dir = tmp_path / "index"
+    await LocalCorpusBackend(folder, index_dir).search("glaciers", k=2)
+    assert len(list(index_dir.iterdir())) == 1
+
+    (folder / "glaciers.txt").write_text("Glaciers are slow rivers of ice. Moraines are left behind.", encoding="utf-8")
+    (folder / "nested" / "new.txt").write_text("Fjords are drowned glacial valleys.", encoding="utf-8")
+    builds = []
+    real_build = local.build_index
+    monkeypatch.setattr(local, "build_index", lambda docs: builds.append(len(docs)) or real_build(docs))
+
+    backend = LocalCorpusBackend(folder, index_dir)
+    assert [r.title for r in await backend.search("moraines", k=2)] == ["glaciers"]
+    assert [r.title for r in await backend.search("fjords", k=2)] == ["new"]
+    assert builds == [5]
+    assert len(list(index_dir.iterdir())) == 1  # the stale index was removed
+
+    os.remove(folder / "nested" / "new.txt")
+    assert await LocalCorpusBackend(folder, index_dir).search("fjords", k=2) == []
+
+
+async def test_chinese_query_on_chinese_documents(tmp_path: Path):
+    docs = [
+        {"url": "https://zh.example/wall", "title": "长城", "text": "长城是中国古代的军事防御工程，东起山海关，西至嘉峪关。"},
+        {"url": "https://zh.example/panda", "title": "大熊猫", "text": "大熊猫主要生活在四川的山区，以竹子为食。"},
+        {"url": "https://en.example/wall", "title": "Great Wall", "text": "The Great Wall of China is very long."},
+    ]
+    backend = LocalCorpusBackend(write_jsonl(tmp_path / "zh.jsonl", docs), tmp_path / "index")
+    results = await backend.search("长城在哪里", k=3)
+    assert results[0].url == "https://zh.example/wall"
+    assert "长城" in results[0].snippet
+    panda = await backend.search("熊猫吃什么", k=3)
+    assert panda[0].url == "https://zh.example/panda"
+    assert "熊猫" in panda[0].snippet
+
+
+async def test_time_range_filters_dated_documents(tmp_path: Path):
+    now = datetime.now(UTC)
+    docs = [
+        {
+            "url": "https://n.example/today",
+            "title": "t",
+            "text": "Election results announced.",
+            "published": now.isoformat(),
+        },
+        {
+            "url": "https://n.example/lastmonth",
+            "title": "m",
+            "text": "Election campaign begins.",
+            "published": (now - timedelta(days=20)).date().isoformat(),
+        },
+        {"url": "https://n.example/old", "title": "o", "text": "Election of 1990.", "published": "1990-05-01"},
+        {"url": "https://n.example/undated", "title": "u", "text": "Election explainer."},
+    ]
+    backend = LocalCorpusBackend(write_jsonl(tmp_path / "news.jsonl", docs), tmp_path / "index")
+    urls = lambda results: {r.url.rsplit("/", 1)[1] for r in results}  # noqa: E731
+    assert urls(await backend.search("election", k=10)) == {"today", "lastmonth", "old", "undated"}
+    assert urls(await backend.search("election", k=10, time_range="week")) == {"today", "undated"}
+    assert urls(await backend.search("election", k=10, time_range="month")) == {"today", "lastmonth", "undated"}
+    assert urls(await backend.search("election", k=10, time_range="year")) == {"today", "lastmonth", "undated"}
+    (today,) = [r for r in await backend.search("announced", k=10, time_range="day")]
+    assert today.published == now.isoformat()
+    with pytest.raises(ValueError, match="time_range"):
+        await backend.search("election", k=10, time_range="decade")
+
+
+async def test_duplicate_urls_count_once(tmp_path: Path):
+    docs = [
+        {"url": "https://d.example/page", "title": "a", "text": "comet comet"},
+        {"url": "https://d.example/page/", "title": "b", "text": "comet"},
+        {"url": "https://d.example/other", "title": "c", "text": "comet tail"},
+    ]
+    backend = LocalCorpusBackend(write_jsonl(tmp_path / "d.jsonl", docs), tmp_path / "index")
+    results = await backend.search("comet", k=2)
+    assert [r.url for r in results] == ["https://d.example/page", "https://d.example/other"]
+    assert [r.rank for r in results] == [1, 2]
+
+
+async def test_bad_jsonl_lines_are_skipped(tmp_path: Path):
+    path = tmp_path / "mixed.jsonl"
+    path.write_text('{"url": "https://ok.example", "text": "aurora borealis"}\nnot json\n{"title": "no url"}\n\n')
+    backend = LocalCorpusBackend(path, tmp_path / "index")
+    (hit,) = await backend.search("aurora", k=5)
+    assert hit.url == "https://ok.example" and hit.title == ""
+
+
+async def test_empty_and_missing_corpus(tmp_path: Path):
+    (tmp_path / "empty").mkdir()
+    assert await LocalCorpusBackend(tmp_path / "empty", tmp_path / "index").search("anything", k=3) == []
+    with pytest.raises(BackendMisconfigured, match="does not exist"):
+        await LocalCorpusBackend(tmp_path / "missing", tmp_path / "index").search("anything", k=3)
+
+
+def test_snippet_is_the_best_matching_sentence():
+    filler = " ".join(f"Sentence number {i} talks about weather." for i in range(40))
+    text = f"{filler} The Rosetta stone was found in 1799 near Rashid. {filler}"
+    weights = {"rosetta": 3.0, "stone": 2.0, "weather": 0.1}
+    snippet = best_snippet(text, weights)
+    assert snippet.startswith("The Rosetta stone was found in 1799")
+    assert len(snippet) <= SNIPPET_CHARS
+
+
+def test_long_sentence_snippet_is_cut_near_the_match():
+    text = "word " * 200 + "needle here " + "word " * 200
+    snippet = best_snippet(text, {"needl": 1.0})
+    assert "needle" in snippet and len(snippet) <= SNIPPET_CHARS
+
+
+async def test_three_thousand_documents_index_fast(tmp_path: Path):
+    rng = random.Random(7)
+    vocabulary = [f"w{i}" for i in range(5000)]
+    docs = [
+        {"url": f"https://bulk.example/{i}", "title": f"doc {i}", "text": " ".join(rng.choices(vocabulary, k=120))}
+        for i in range(3000)
+    ]
+    docs[1234]["text"] += " Unmistakable zeppelin hangar."
+    path = write_jsonl(tmp_path / "bulk.jsonl", docs)
+
+    started = time.perf_counter()
+    backend = LocalCorpusBackend(path, tmp_path / "index")
+    backend.load()
+    assert time.perf_counter() - started < 5
+
+    started = time.perf_counter()
+    for _ in range(20):
+        results = backend.search_sync("zeppelin hangar", k=8)
+    assert (time.perf_counter() - started) / 20 < 0.05
+    assert results[0].url == "https://bulk.example/1234"
+
+    started = time.perf_counter()
+    LocalCorpusBackend(path, tmp_path / "index").load()
+    assert time.perf_counter() - started < 1
