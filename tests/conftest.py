@@ -1,4 +1,4 @@
-"""Session-wide test services: a private Redis server on a free port."""
+"""Session-wide test services: a private Redis server and the fixture web, on free ports."""
 
 from __future__ import annotations
 
@@ -42,3 +42,23 @@ def redis_url(tmp_path_factory):
     yield f"redis://127.0.0.1:{port}/0"
     proc.terminate()
     proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def fixture_web():
+    """The fixture web (``scripts.fixture_web``) on a free port, shared by the session.
+
+    ``fixture_web.fetch_config(**overrides)`` routes every origin to it and allows its address;
+    ``fixture_web.search_backend()`` is a local search over its pages (index built on first use).
+    """
+    from scripts.fixture_web import FixtureWeb
+
+    web = FixtureWeb().start()
+    yield web
+    web.stop()
+
+
+@pytest.fixture(scope="session")
+def fixture_search(fixture_web):
+    """``LocalCorpusBackend`` over every page of the fixture web (built once per session)."""
+    return fixture_web.search_backend()
