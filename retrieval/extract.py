@@ -1,10 +1,23 @@
-"""Main text, title, date and language from an HTML page."""
+"""Main text, title, date and language from an HTML page.
+
+trafilatura (fast mode, no fallbacks of its own) does the first pass. Its output is checked
+against our own container extraction: the DOM node that dominates the page's text after
+boilerplate is stripped. Listings, product pages and forum threads are where trafilatura keeps
+too little (it drops link-heavy item lists and question posts), so when the container holds much
+more text we use it instead. Lengths are counted in "units" (a CJK character or a Latin word),
+because Chinese has no spaces and word counts would call a long article short.
+"""
 
 from __future__ import annotations
 
+import re
+from copy import deepcopy
 from dataclasses import dataclass
 
 import trafilatura
+from htmldate import find_date
+from lxml import etree
+from lxml import html as lxml_html
 
 from retrieval.decode import decode_body
 
@@ -17,10 +30,226 @@ class Extracted:
     language: str | None = None
 
 
+_CJK = "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\u3040-\u30ff\uac00-\ud7af"
+_UNIT = re.compile(rf"[{_CJK}]|[^\W{_CJK}]+")
+_MAX_CHARS = 5_000_000  # beyond this a "page" is a dump; parsing it would stall the fetcher
+
+_DROP_TAGS = {
+    "script", "style", "noscript", "template", "svg", "iframe", "form", "button", "select",
+    "nav", "footer", "aside", "header", "menu", "dialog", "canvas", "video", "audio", "picture",
+}  # fmt: skip
+_BLOCK_TAGS = {
+    "p", "div", "section", "article", "main", "li", "ul", "ol", "dl", "dt", "dd", "h1", "h2", "h3",
+    "h4", "h5", "h6", "blockquote", "pre", "table", "tr", "figure", "figcaption", "address", "hr",
+    "details", "summary", "center", "td", "th", "tbody", "thead",
+}  # fmt: skip
+_BOILERPLATE = re.compile(
+    r"(?:^|[\s_-])(?:nav|navbar|menu|breadcrumbs?|footer|sidebar|side-bar|cookie|consent|newsletter|"
+    r"subscribe|social|share|sharing|related|recommended|promo|advert|ads?|banner|popup|modal|"
+    r"masthead|site-header|skip|toolbar|pagination|signup|login)(?:$|[\s_-])",
+    re.IGNORECASE,
+)
+_WS = re.compile(r"[ \t\r\f\v\u00a0\u200b\u3000]+")
+# undecodable bytes and control characters: what binary junk decodes to, never content
+_JUNK = re.compile(r"[\ufffd\x00-\x08\x0b\x0c\x0e-\x1f\x7f]+")
+
+
+def units(text: str) -> int:
+    return len(_UNIT.findall(text))
+
+
+def clean_text(text: str) -> str:
+    """Collapse runs of spaces, one paragraph per block separated by a blank line."""
+    lines = (_WS.sub(" ", _JUNK.sub("", line)).strip() for line in text.splitlines())
+    return "\n\n".join(line for line in lines if line)
+
+
+def _attrs(el: etree._Element) -> str:
+    return f"{el.get('class', '')} {el.get('id', '')} {el.get('role', '')}"
+
+
+def _text_sizes(root: etree._Element) -> dict[etree._Element, int]:
+    """Characters of text under each element, in one bottom-up pass (text_content() per node is quadratic)."""
+    sizes: dict[etree._Element, int] = {}
+    for el in reversed(list(root.iter())):
+        n = len(el.text.strip()) if isinstance(el.tag, str) and el.text else 0
+        for child in el:
+            n += sizes.get(child, 0) + (len(child.tail.strip()) if child.tail else 0)
+        sizes[el] = n
+    return sizes
+
+
+def _strip_boilerplate(body: etree._Element) -> None:
+    """Remove chrome: non-content tags, and class/id-marked blocks that do not hold most of the page."""
+    sizes = _text_sizes(body)
+    total = sizes[body] or 1
+    doomed = []
+    for el in body.iter():
+        if (
+            not isinstance(el.tag, str)
+            or el.tag in _DROP_TAGS
+            or el.get("aria-hidden") == "true"
+            or el.get("hidden") is not None
+        ):
+            doomed.append(el)
+        elif el.tag not in ("body", "main", "article") and _BOILERPLATE.search(_attrs(el)) and sizes[el] < 0.4 * total:
+            # the size test keeps wrappers such as "has-sidebar" that enclose the whole page
+            doomed.append(el)
+    for el in doomed:
+        if el.getparent() is not None:
+            el.drop_tree()
+
+
+def _container(body: etree._Element) -> etree._Element:
+    """Descend while one child holds most of the remaining text: that child is the content."""
+    sizes = _text_sizes(body)
+    node = body
+    while sizes[node]:
+        best = max((c for c in node if isinstance(c.tag, str)), key=lambda c: sizes[c], default=None)
+        if best is None or sizes[best] < 0.7 * sizes[node]:
+            break
+        node = best
+    return node
+
+
+def _render(node: etree._Element) -> str:
+    parts: list[str] = []
+
+    def walk(el: etree._Element) -> None:
+        block = el.tag in _BLOCK_TAGS
+        if block:
+            parts.append("\n")
+        if el.tag == "br":
+            parts.append("\n")
+        if el.text:
+            parts.append(el.text)
+        for child in el:
+            if isinstance(child.tag, str):
+                walk(child)
+            if child.tail:
+                parts.append(child.tail)
+        if el.tag in ("td", "th"):
+            parts.append(" ")
+        if block:
+            parts.append("\n")
+
+    walk(node)
+    return clean_text("".join(parts))
+
+
+def container_text(tree: etree._Element) -> str:
+    body = tree.find(".//body")
+    if body is None:
+        body = tree
+    body = deepcopy(body)
+    _strip_boilerplate(body)
+    return _render(_container(body))
+
+
+_DATE_META = (
+    "article:published_time", "datePublished", "date", "pubdate", "publishdate", "dc.date",
+    "dc.date.issued", "og:published_time", "sailthru.date", "parsely-pub-date",
+)  # fmt: skip
+
+
+def _meta(tree: etree._Element, *names: str) -> str | None:
+    wanted = {n.lower() for n in names}
+    for m in tree.iter("meta"):
+        key = (m.get("property") or m.get("name") or m.get("itemprop") or "").lower()
+        if key in wanted and (content := (m.get("content") or "").strip()):
+            return content
+    return None
+
+
+def _title(tree: etree._Element) -> str:
+    title = _meta(tree, "og:title", "twitter:title")
+    if not title:
+        el = tree.find(".//title")
+        title = el.text_content() if el is not None else ""
+    if not title:
+        el = tree.find(".//h1")
+        title = el.text_content() if el is not None else ""
+    return _WS.sub(" ", title).strip()
+
+
+_ISO_DATE = re.compile(r"(\d{4})-(\d{2})-(\d{2})")
+
+
+def _date(tree: etree._Element) -> str | None:
+    """Declared publication date (meta tags, <time>), as YYYY-MM-DD; htmldate's heuristics only as a last resort."""
+    raw = _meta(tree, *_DATE_META)
+    if raw is None:
+        time_el = tree.find(".//time[@datetime]")
+        raw = time_el.get("datetime") if time_el is not None else None
+    if raw and (m := _ISO_DATE.search(raw)):
+        return "-".join(m.groups())
+    try:
+        return find_date(tree, extensive_search=False)
+    except Exception:  # noqa: BLE001 -- htmldate is best effort; a date is never worth failing the page
+        return None
+
+
+def _language(tree: etree._Element) -> str | None:
+    lang = tree.get("lang") or tree.get("xml:lang") or _meta(tree, "content-language", "og:locale")
+    if not lang:
+        return None
+    return re.split(r"[-_]", lang.strip())[0].lower() or None
+
+
+def _parse(html: str) -> etree._Element | None:
+    html = html[:_MAX_CHARS].replace("\x00", "")
+    if not html.strip():
+        return None
+    try:
+        return lxml_html.document_fromstring(html)
+    except (etree.ParserError, ValueError):
+        return None
+
+
 def extract(html: str | bytes, url: str | None = None) -> Extracted:
-    if isinstance(html, bytes):
-        html = decode_body(html)
-    doc = trafilatura.bare_extraction(html, url=url, with_metadata=True)
-    if doc is None:
+    try:
+        if isinstance(html, bytes):
+            html = decode_body(html)
+        tree = _parse(html)
+        if tree is None:
+            return Extracted(title="", text="")
+        return _extract(tree, url)
+    except Exception:  # noqa: BLE001 -- garbage input must degrade to "no text", never break a search
         return Extracted(title="", text="")
-    return Extracted(title=doc.title or "", text=doc.text or "", date=doc.date, language=doc.language)
+
+
+_ARTICLE_LD = re.compile(
+    r'"@type"\s*:\s*\[?\s*"(?:News|Blog|Scholarly|Tech|Report|ReportageNews)?(?:Article|Posting)"', re.IGNORECASE
+)
+_MIN_ARTICLE_UNITS = 50
+
+
+def _declares_article(tree: etree._Element) -> bool:
+    """og:type or schema.org says "article": trust trafilatura's article model there."""
+    if (_meta(tree, "og:type") or "").lower() == "article":
+        return True
+    for script in tree.iter("script"):
+        if (script.get("type") or "").lower() == "application/ld+json" and _ARTICLE_LD.search(script.text or ""):
+            return True
+    return False
+
+
+def _extract(tree: etree._Element, url: str | None) -> Extracted:
+    meta = Extracted(title=_title(tree), text="", date=_date(tree), language=_language(tree))
+    # comments off: on news pages they are noise; forum posts are recovered by the container fallback
+    main = trafilatura.extract(deepcopy(tree), url=url, fast=True, include_comments=False, include_tables=True)
+    main = clean_text(main or "")
+    main_units = units(main)
+    if _declares_article(tree):
+        if main_units >= _MIN_ARTICLE_UNITS:
+            return _with_text(meta, main)
+        fallback = container_text(tree)
+        return _with_text(meta, fallback if units(fallback) > main_units else main)
+    # listings, products, threads: trafilatura drops link-heavy items and question posts, so a
+    # container holding twice the text (plus a margin for stray chrome) is the better answer
+    fallback = container_text(tree)
+    return _with_text(meta, fallback if units(fallback) >= 2 * main_units + 20 else main)
+
+
+def _with_text(meta: Extracted, text: str) -> Extracted:
+    return Extracted(title=meta.title, text=text, date=meta.date, language=meta.language)

@@ -1,0 +1,1 @@
+"""Benchmarks run against the shared evaluation data."""

@@ -1,0 +1,95 @@
+"""Main-text extraction on real pages from the shared evaluation data, plus hostile input."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import pytest
+
+from bench.extraction import f1, overlap_pr, shingles, words
+from retrieval.extract import Extracted, extract
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "extraction"
+needs_data = pytest.mark.skipif(not DATA.is_dir(), reason="shared evaluation data not present")
+
+
+@needs_data
+def test_gbk_chinese_page_is_decoded_and_extracted() -> None:
+    page_id = "05e98007-d810-4036-b154-2ef2fe68c2af"  # declared charset gb2312
+    raw = (DATA / "zh" / "original" / f"{page_id}.html").read_bytes()
+    assert b"gb2312" in raw[:3000].lower()
+    result = extract(raw)
+    assert "按照惯例，会议安排了一天时间" in result.text
+    assert "\ufffd" not in result.text
+
+
+@needs_data
+def test_aeb_article_matches_gold() -> None:
+    truth = json.loads((DATA / "aeb" / "ground-truth.json").read_text(encoding="utf-8"))
+    page_id = "05844573ca7e1fba714d715bb11ca08c26e25328999c74a1cb3bc8a0e4399f0f"
+    raw = gzip.decompress((DATA / "aeb" / "html" / f"{page_id}.html.gz").read_bytes())
+    result = extract(raw, url=truth[page_id]["url"])
+    p, r = overlap_pr(shingles(words(result.text)), shingles(words(truth[page_id]["articleBody"])))
+    assert f1(p, r) > 0.9
+    assert "\n\n" in result.text  # paragraphs stay separate
+    assert "L.A. Auto Show" in result.title
+    assert result.date == "2019-11-20"
+
+
+@needs_data
+def test_forum_thread_keeps_question_and_replies() -> None:
+    raw = gzip.decompress((DATA / "wcxb-dev" / "html" / "0533.html.gz").read_bytes())
+    text = extract(raw, url="https://www.webhostingtalk.com/showthread.php?t=1930933").text
+    assert "What do you pay attention to if you are going to buy a web hosting service?" in text
+    assert "Confidence that the chosen supplier will provide good service" in text
+    assert "create a simple WordPress site on it" in text
+
+
+PAGE = """<html lang="en-GB"><head><title>Site | Tide tables explained</title>
+<meta property="og:title" content="Tide tables explained">
+<meta property="article:published_time" content="2023-04-05T10:00:00Z"></head>
+<body><nav class="menu"><a href="/">Home</a><a href="/about">About us</a><a href="/shop">Shop now</a></nav>
+<main><h1>Tide tables explained</h1>
+<p>Tide tables list the times and heights of high and low water for a harbour, day by day,
+and sailors read them before every passage to know whether a channel will be deep enough.</p>
+<p>Spring tides follow the full and new moon, when the sun and moon pull in line; neap tides
+come a week later, when they pull at right angles and the range between high and low is small.</p>
+<p>Local effects such as wind, pressure and river flow can shift the real water level away from
+the predicted one by tens of centimetres, so a margin is always kept under the keel.</p></main>
+<footer class="site-footer">Copyright 2023 Harbour Guides Ltd. All rights reserved. Privacy policy.</footer>
+</body></html>"""
+
+
+def test_boilerplate_dropped_and_metadata_read() -> None:
+    result = extract(PAGE)
+    assert "Spring tides follow the full and new moon" in result.text
+    assert "neap tides come a week later" in result.text  # line wraps inside a paragraph are joined
+    assert "Copyright" not in result.text and "Shop now" not in result.text
+    assert result.text.count("\n\n") >= 2
+    assert result.title == "Tide tables explained"
+    assert result.date == "2023-04-05"
+    assert result.language == "en"
+
+
+def test_bytes_and_str_agree() -> None:
+    assert extract(PAGE.encode("utf-8")).text == extract(PAGE).text
+
+
+@pytest.mark.parametrize(
+    "junk",
+    [
+        "",
+        b"",
+        "   \n\t",
+        b"\x00\xff\xfe\x81" * 4096,
+        "<!-- a comment and nothing else -->",
+        "<html><body></body></html>",
+        "<p>" * 20_000,
+    ],
+)
+def test_garbage_gives_empty_text_not_an_exception(junk: str | bytes) -> None:
+    result = extract(junk)
+    assert isinstance(result, Extracted)
+    assert result.text.strip() == ""
