@@ -1,0 +1,142 @@
+"""Question in, cited context out: search, fetch (or read the local corpus), extract, select.
+
+Progress goes to an optional ``on_event(kind, payload)`` callback so the service can stream
+what is happening: ``search`` (which backend answered, which were passed over and why),
+``page`` (each page as it is read or falls back to its snippet) and ``selected``.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from retrieval.cache import make_cache
+from retrieval.config import FetchConfig, SearchConfig, SelectConfig
+from retrieval.fetch import Fetcher
+from retrieval.passages import select_passages
+from retrieval.search.chain import SearchChain, SearchOutcome
+from retrieval.search.factory import build_search
+from retrieval.tokenize import estimate_tokens
+from retrieval.types import Page, Passage, SearchResult
+
+OnEvent = Callable[[str, dict[str, Any]], Awaitable[None] | None]
+
+
+@dataclass(slots=True)
+class Retrieval:
+    question: str
+    query: str
+    outcome: SearchOutcome
+    pages: list[Page] = field(default_factory=list)
+    passages: list[Passage] = field(default_factory=list)
+
+
+class Retriever:
+    def __init__(self, search: SearchChain, fetcher: Fetcher, select: SelectConfig) -> None:
+        self.search = search
+        self.fetcher = fetcher
+        self.select = select
+
+    @classmethod
+    def from_config(
+        cls, search: SearchConfig, fetch: FetchConfig, select: SelectConfig, *, redis_url: str | None = None
+    ) -> Retriever:
+        chain = build_search(search, make_cache(redis_url, "search") if search.cache_ttl_s else None)
+        fetcher = Fetcher(fetch, cache=make_cache(redis_url, "page") if fetch.cache_ttl_s else None)
+        return cls(chain, fetcher, select)
+
+    async def aclose(self) -> None:
+        await self.search.aclose()
+        await self.fetcher.aclose()
+
+    async def __aenter__(self) -> Retriever:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def retrieve(
+        self,
+        question: str,
+        *,
+        query: str | None = None,
+        k: int | None = None,
+        language: str | None = None,
+        time_range: str | None = None,
+        fetch: bool = True,
+        budget_tokens: int | None = None,
+        count_tokens: Callable[[str], int] = estimate_tokens,
+        on_event: OnEvent | None = None,
+    ) -> Retrieval:
+        """``query`` is what goes to the search engine (the question itself when omitted);
+        passages are ranked against both."""
+        query = query or question
+
+        async def emit(kind: str, payload: dict[str, Any]) -> None:
+            if on_event is not None and inspect.isawaitable(ret := on_event(kind, payload)):
+                await ret
+
+        outcome = await self.search.search(query, k=k, language=language, time_range=time_range)
+        await emit(
+            "search",
+            {
+                "query": query,
+                "backend": outcome.backend,
+                "results": len(outcome.results),
+                "cached": outcome.cached,
+                "failures": [{"backend": b, "reason": r} for b, r in outcome.failures],
+            },
+        )
+        found = Retrieval(question=question, query=query, outcome=outcome)
+        if not outcome.results:
+            return found
+
+        async def on_page(page: Page) -> None:
+            await emit("page", {"url": page.url, "title": page.title, "source": page.source, "error": page.error})
+
+        found.pages = await self._read(outcome.results, fetch=fetch, on_page=on_page)
+        found.passages = select_passages(
+            question,
+            found.pages,
+            query=query if query != question else None,
+            budget_tokens=budget_tokens or self.select.budget_tokens,
+            count_tokens=count_tokens,
+            passage_tokens=self.select.passage_tokens,
+        )
+        await emit(
+            "selected",
+            {
+                "passages": len(found.passages),
+                "pages": len({p.url for p in found.passages}),
+                "tokens": sum(p.tokens for p in found.passages),
+            },
+        )
+        return found
+
+    async def _read(
+        self, results: list[SearchResult], *, fetch: bool, on_page: Callable[[Page], Awaitable[None]]
+    ) -> list[Page]:
+        """Local-corpus hits are read from the index; web hits are fetched (or kept as snippets)."""
+        pages: dict[int, Page] = {}
+        to_fetch: list[SearchResult] = []
+        for i, result in enumerate(results):
+            doc = self.search.document(result.url)
+            if doc is not None:
+                pages[i] = Page(
+                    url=result.url, title=doc["title"] or result.title, text=doc["text"], rank=result.rank,
+                    date=doc.get("published") or result.published,
+                )
+                await on_page(pages[i])
+            elif not fetch:
+                pages[i] = Page(url=result.url, title=result.title, text=result.snippet, source="snippet",
+                                rank=result.rank, date=result.published, error="not fetched")
+            else:
+                to_fetch.append(result)
+        if to_fetch:
+            fetched = iter(await self.fetcher.fetch_pages(to_fetch, on_page=on_page))
+            for i, result in enumerate(results):
+                if i not in pages:
+                    pages[i] = next(fetched)
+        return [pages[i] for i in range(len(results))]

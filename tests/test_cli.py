@@ -1,0 +1,116 @@
+"""The megrez-search command, run in-process on real pages and a local corpus."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import sys
+
+import pytest
+
+from api.cli import main
+from scripts.corpora import DATA
+
+
+def run(monkeypatch, capsys, argv, stdin: bytes = b""):
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(stdin), encoding="utf-8"))
+    code = main(argv)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_extract_stdin_reads_bytes_and_prints_main_text(monkeypatch, capsys):
+    page = "<html><head><title>中文标题</title><meta charset='gbk'></head><body><nav>首页 登录</nav><article>"
+    page += "<p>" + "这是一段足够长的中文正文，用来检验编码识别与正文抽取是否正确。" * 6 + "</p></article></body></html>"
+    code, out, _ = run(monkeypatch, capsys, ["extract", "--json"], page.encode("gbk"))
+    assert code == 0
+    doc = json.loads(out)
+    assert doc["title"] == "中文标题"
+    assert "编码识别与正文抽取" in doc["text"]
+    assert "登录" not in doc["text"]
+
+
+def test_extract_batch_writes_jsonl_per_file(monkeypatch, capsys, tmp_path):
+    sources = sorted((DATA / "extraction" / "aeb" / "html").glob("*.html.gz"))[:2]
+    (tmp_path / "a.html").write_bytes(gzip.decompress(sources[0].read_bytes()))
+    (tmp_path / "b.html.gz").write_bytes(sources[1].read_bytes())
+    (tmp_path / "ignored.txt").write_text("not a page")
+    code, out, _ = run(monkeypatch, capsys, ["extract", "--batch", str(tmp_path)])
+    assert code == 0
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert [r["id"] for r in rows] == ["a", "b"]
+    gold = json.loads((DATA / "extraction" / "aeb" / "ground-truth.json").read_text())
+    first_gold_words = gold[sources[0].name.removesuffix(".html.gz")]["articleBody"].split()[:8]
+    assert " ".join(first_gold_words) in " ".join(rows[0]["text"].split())
+
+
+def test_extract_batch_missing_dir_is_a_usage_error(monkeypatch, capsys, tmp_path):
+    code, out, err = run(monkeypatch, capsys, ["extract", "--batch", str(tmp_path / "nope")])
+    assert code == 2 and out == ""
+    assert "not a directory" in err
+
+
+def test_select_packs_within_budget_in_prompt_order(monkeypatch, capsys):
+    filler = " ".join(f"Unrelated sentence number {i} about gardening tools." for i in range(60))
+    rows = [
+        {
+            "id": "q1",
+            "question": "Who designed the Eiffel Tower?",
+            "pages": [
+                {"url": "https://a.example/garden", "title": "Gardening", "text": filler},
+                {
+                    "url": "https://b.example/eiffel",
+                    "title": "Eiffel Tower",
+                    "text": filler + " The Eiffel Tower was designed by the company of Gustave Eiffel.",
+                },
+            ],
+        },
+        {"id": "q2", "question": "Nothing?", "pages": []},
+    ]
+    stdin = "\n".join(json.dumps(r) for r in rows).encode()
+    code, out, _ = run(monkeypatch, capsys, ["select", "--budget", "120"], stdin)
+    assert code == 0
+    first, second = (json.loads(line) for line in out.splitlines())
+    assert first["id"] == "q1" and second == {"id": "q2", "passages": []}
+    assert first["passages"][0]["url"] == "https://b.example/eiffel"
+    assert any("Gustave Eiffel" in p["text"] for p in first["passages"] if p["url"].endswith("/eiffel"))
+    assert sum(len(p["text"]) for p in first["passages"]) <= 120 * 4
+
+
+@pytest.mark.parametrize(
+    ("stdin", "message"),
+    [(b"{not json}\n", "line 1: not JSON"), (b'\n{"question": "q", "pages": [{"url": 1}]}\n', "line 2: each page")],
+)
+def test_select_rejects_bad_lines_with_their_number(monkeypatch, capsys, stdin, message):
+    code, _, err = run(monkeypatch, capsys, ["select"], stdin)
+    assert code == 2
+    assert message in err
+
+
+def test_search_local_corpus_with_fetch_prints_cited_passages(monkeypatch, capsys, tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "eiffel.md").write_text("# Eiffel Tower\n\nThe tower was designed by Gustave Eiffel's company in 1887.\n")
+    (corpus / "tea.txt").write_text("Green tea is made from unoxidised leaves.\n")
+    monkeypatch.setenv("MEGREZ_SEARCH__CORPUS_PATH", str(corpus))
+    monkeypatch.setenv("MEGREZ_SEARCH__INDEX_DIR", str(tmp_path / "index"))
+    code, out, err = run(monkeypatch, capsys, ["search", "who designed the Eiffel tower", "--backend", "local", "--fetch"])
+    assert code == 0, err
+    assert "results from local" in err
+    assert "[1] " in out and "Gustave Eiffel" in out
+    assert "eiffel.md" in out.splitlines()[-1] or "eiffel.md" in out
+
+    code, out, _ = run(monkeypatch, capsys, ["search", "green tea", "--backend", "local", "--json"])
+    assert code == 0
+    doc = json.loads(out)
+    assert doc["backend"] == "local"
+    assert doc["results"][0]["url"].endswith("tea.txt")
+    assert "passages" not in doc
+
+
+def test_search_without_usable_backend_is_a_usage_error(monkeypatch, capsys):
+    monkeypatch.delenv("MEGREZ_SEARCH__CORPUS_PATH", raising=False)
+    code, _, err = run(monkeypatch, capsys, ["search", "anything", "--backend", "local"])
+    assert code == 2
+    assert "corpus_path is not set" in err
