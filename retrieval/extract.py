@@ -4,7 +4,9 @@ trafilatura (fast mode, no fallbacks of its own) does the first pass. Its output
 against our own container extraction: the DOM node that dominates the page's text after
 boilerplate is stripped. Listings, product pages and forum threads are where trafilatura keeps
 too little (it drops link-heavy item lists and question posts), so when the container holds much
-more text we use it instead. Lengths are counted in "units" (a CJK character or a Latin word),
+more text we use it instead. What the page declares (schema.org JSON-LD, og:type) picks the rule:
+articles trust trafilatura, product pages demand a much larger surplus before switching (their
+containers carry related products and contact blocks), threads keep their replies. Lengths are counted in "units" (a CJK character or a Latin word),
 because Chinese has no spaces and word counts would call a long article short.
 """
 
@@ -218,37 +220,74 @@ def extract(html: str | bytes, url: str | None = None) -> Extracted:
         return Extracted(title="", text="")
 
 
-_ARTICLE_LD = re.compile(
-    r'"@type"\s*:\s*\[?\s*"(?:News|Blog|Scholarly|Tech|Report|ReportageNews)?(?:Article|Posting)"', re.IGNORECASE
-)
+_LD_TYPE = re.compile(r'"@type"\s*:\s*(\[[^\]]*\]|"[^"]*")')
+_ARTICLE_TYPE = re.compile(r"^(?:News|Blog|Scholarly|Tech|Report|ReportageNews)?(?:Article|Posting)$", re.IGNORECASE)
+_PRODUCT_TYPES = {"product", "productgroup"}
+# a thread's replies are what trafilatura calls comments; FAQ "Question"s are not threads, so not listed
+_FORUM_TYPES = {"qapage", "discussionforumposting", "comment", "socialmediaposting"}
 _MIN_ARTICLE_UNITS = 50
 
 
-def _declares_article(tree: etree._Element) -> bool:
-    """og:type or schema.org says "article": trust trafilatura's article model there."""
-    if (_meta(tree, "og:type") or "").lower() == "article":
-        return True
+def _declared_types(tree: etree._Element) -> set[str]:
+    """schema.org types from JSON-LD, plus og:type, lowercased.
+
+    Microdata itemtypes are left out: listings mark each item up as a Product, which would make
+    every shop category page look like a product page."""
+    found: set[str] = set()
     for script in tree.iter("script"):
-        if (script.get("type") or "").lower() == "application/ld+json" and _ARTICLE_LD.search(script.text or ""):
-            return True
-    return False
+        if (script.get("type") or "").lower() == "application/ld+json" and script.text:
+            for group in _LD_TYPE.findall(script.text):
+                found.update(t.lower() for t in re.findall(r'"([^"]+)"', group))
+    if og := (_meta(tree, "og:type") or "").lower():
+        found.add("og:" + og)
+    return found
+
+
+def _is_article(types: set[str]) -> bool:
+    return "og:article" in types or any(_ARTICLE_TYPE.match(t) for t in types if not t.startswith("og:"))
+
+
+def _is_product(types: set[str]) -> bool:
+    return bool(types & _PRODUCT_TYPES) or any(t.startswith("og:product") for t in types)
 
 
 def _extract(tree: etree._Element, url: str | None) -> Extracted:
     meta = Extracted(title=_title(tree), text="", date=_date(tree), language=_language(tree))
-    # comments off: on news pages they are noise; forum posts are recovered by the container fallback
-    main = trafilatura.extract(deepcopy(tree), url=url, fast=True, include_comments=False, include_tables=True)
+    types = _declared_types(tree)
+    # comments only on threads, where the replies are the content; on news pages they are noise
+    forum = bool(types & _FORUM_TYPES)
+    main = trafilatura.extract(deepcopy(tree), url=url, fast=True, include_comments=forum, include_tables=True)
     main = clean_text(main or "")
     main_units = units(main)
-    if _declares_article(tree):
+    if _is_article(types):
         if main_units >= _MIN_ARTICLE_UNITS:
-            return _with_text(meta, main)
+            return _with_text(meta, _drop_title(tree, meta.title, main))
         fallback = container_text(tree)
-        return _with_text(meta, fallback if units(fallback) > main_units else main)
-    # listings, products, threads: trafilatura drops link-heavy items and question posts, so a
-    # container holding twice the text (plus a margin for stray chrome) is the better answer
+        return _with_text(meta, _drop_title(tree, meta.title, fallback if units(fallback) > main_units else main))
+    # listings and threads: trafilatura drops link-heavy items and question posts, so a container
+    # holding twice the text (plus a margin for stray chrome) is the better answer. On product
+    # pages the container's surplus is mostly related products and reviews, so demand far more.
+    factor = 4 if _is_product(types) else 2
     fallback = container_text(tree)
-    return _with_text(meta, fallback if units(fallback) >= 2 * main_units + 20 else main)
+    text = fallback if units(fallback) >= factor * main_units + 20 else main
+    return _with_text(meta, _drop_title(tree, meta.title, text))
+
+
+def _norm(text: str) -> str:
+    return " ".join(_UNIT.findall(text.lower()))
+
+
+def _drop_title(tree: etree._Element, title: str, text: str) -> str:
+    """A first paragraph that repeats the page's headline is not body text: drop it."""
+    first, _, rest = text.partition("\n\n")
+    head = _norm(first)
+    if not head or not rest:
+        return text
+    candidates = [title] + [el.text_content() for el in (tree.find(".//h1"), tree.find(".//title")) if el is not None]
+    for candidate in map(_norm, candidates):
+        if candidate and (head == candidate or (len(head) > 10 and head in candidate)):
+            return rest
+    return text
 
 
 def _with_text(meta: Extracted, text: str) -> Extracted:

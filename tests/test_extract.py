@@ -47,6 +47,37 @@ def test_forum_thread_keeps_question_and_replies() -> None:
     assert "create a simple WordPress site on it" in text
 
 
+
+def _wcxb(page_id: str) -> str:
+    return gzip.decompress((DATA / "wcxb-dev" / "html" / f"{page_id}.html.gz").read_bytes()).decode("utf-8")
+
+
+@needs_data
+def test_declared_forum_thread_keeps_opening_post_and_replies() -> None:
+    # schema.org DiscussionForumPosting: the replies are trafilatura "comments" and must be kept
+    text = extract(_wcxb("0545"), url="https://discussion.evernote.com/forums/topic/150745-new-ui-2024/").text
+    assert "I don't like this new look" in text  # the opening post
+    assert "I went with this application some years ago because it was trim" in text  # a reply
+    assert "The previous UI was 1000x better" in text
+
+
+@needs_data
+def test_product_page_keeps_description_without_page_chrome() -> None:
+    url = "https://www.sweetwater.com/store/detail/Scarlett4i4G4--focusrite-scarlett-4i4-4th-gen-usb-audio-interface"
+    text = extract(_wcxb("2893"), url=url).text
+    assert "The Scarlett Gets a Serious Overhaul" in text
+    assert "State-of-the-art features" in text
+    assert "222-4700" not in text  # the sales hotline in the page's contact block
+
+
+@needs_data
+def test_headline_is_not_repeated_as_first_paragraph() -> None:
+    page_id = "05844573ca7e1fba714d715bb11ca08c26e25328999c74a1cb3bc8a0e4399f0f"
+    result = extract(gzip.decompress((DATA / "aeb" / "html" / f"{page_id}.html.gz").read_bytes()))
+    first = result.text.split("\n\n", 1)[0]
+    assert words(first) != words(result.title)
+    assert not set(words(result.title)) >= set(words(first))
+
 PAGE = """<html lang="en-GB"><head><title>Site | Tide tables explained</title>
 <meta property="og:title" content="Tide tables explained">
 <meta property="article:published_time" content="2023-04-05T10:00:00Z"></head>
