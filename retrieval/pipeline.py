@@ -122,7 +122,7 @@ class Retriever:
         pages: dict[int, Page] = {}
         to_fetch: list[SearchResult] = []
         for i, result in enumerate(results):
-            doc = self.search.document(result.url)
+            doc = self.search.document(result)
             if doc is not None:
                 pages[i] = Page(
                     url=result.url, title=doc["title"] or result.title, text=doc["text"], rank=result.rank,

@@ -321,13 +321,18 @@ async def test_chain_document_and_close_reach_the_backends(tmp_path: Path):
     corpus = tmp_path / "c.jsonl"
     corpus.write_text(json.dumps({"url": "https://l.example/p", "title": "P", "text": "penguins"}) + "\n")
     fake = FakeBackend("fake")
-    chain = SearchChain([fake, LocalCorpusBackend(corpus, tmp_path / "index")])
-    assert chain.document("https://l.example/p") == {
+    local = LocalCorpusBackend(corpus, tmp_path / "index")
+    chain = SearchChain([fake, local])
+    web_hit = SearchResult(title="P", url="https://l.example/p", snippet="", rank=1, engine="fake")
+    assert chain.document(web_hit) is None
+    assert local._index is None  # a corpus that did not answer is not loaded
+    local_hit = SearchResult(title="P", url="https://l.example/p", snippet="", rank=1, engine="local")
+    assert chain.document(local_hit) == {
         "url": "https://l.example/p",
         "title": "P",
         "text": "penguins",
         "published": None,
     }
-    assert chain.document("https://elsewhere.example/") is None
+    assert chain.document(SearchResult("x", "https://elsewhere.example/", "", 1, "local")) is None
     await chain.aclose()
     assert fake.closed

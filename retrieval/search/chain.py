@@ -125,12 +125,15 @@ class SearchChain:
             failures.append((backend.name, reason))
         return SearchOutcome(results=[], backend=None, failures=failures)
 
-    def document(self, url: str) -> dict | None:
-        """A corpus document's stored text, when a local backend holds ``url`` (no fetch needed)."""
+    def document(self, result: SearchResult) -> dict | None:
+        """The stored text behind a hit from a corpus backend (no fetch needed), else None.
+
+        Only the backend that produced the hit is asked, so a corpus that did not answer is
+        never loaded (its first load builds an index) on the way.
+        """
         for backend in self.backends:
-            lookup = getattr(backend, "document", None)
-            if lookup is not None and (doc := lookup(url)) is not None:
-                return doc
+            if backend.name == result.engine and (lookup := getattr(backend, "document", None)) is not None:
+                return lookup(result.url)
         return None
 
     async def warm(self) -> None:
