@@ -8,7 +8,10 @@ Datasets (read in place from the shared data folder, see its README):
 
 Both extractors get the same decoded text; decoding is shared work and is not timed.
 
-    python -m bench.extraction [--limit N] [--json] [--data DIR]
+    python -m bench.extraction [--limit N] [--split even|odd|all] [--json] [--data DIR]
+
+--split keeps half of each set, for tuning on one half and checking on the other: wcxb pages by
+the parity of their numeric id, aeb and zh pages by the parity of their position in sorted id order.
 """
 
 from __future__ import annotations
@@ -55,18 +58,37 @@ def _decode_file(path: Path) -> str:
     return decode_body(raw)
 
 
-def load_aeb(root: Path, limit: int | None) -> list[Page]:
+SPLITS = ("all", "even", "odd")
+
+
+def _split(ids: Iterable[str], split: str, parity: Callable[[int, str], int]) -> list[str]:
+    ordered = sorted(ids)
+    if split == "all":
+        return ordered
+    want = 0 if split == "even" else 1
+    return [i for pos, i in enumerate(ordered) if parity(pos, i) % 2 == want]
+
+
+def _by_position(pos: int, _id: str) -> int:
+    return pos
+
+
+def _by_number(_pos: int, page_id: str) -> int:
+    return int(page_id)
+
+
+def load_aeb(root: Path, limit: int | None, split: str = "all") -> list[Page]:
     truth = json.loads((root / "ground-truth.json").read_text(encoding="utf-8"))
-    ids = sorted(truth)[:limit]
+    ids = _split(truth, split, _by_position)[:limit]
     return [
         Page(i, _decode_file(root / "html" / f"{i}.html.gz"), truth[i]["articleBody"], truth[i].get("url")) for i in ids
     ]
 
 
-def load_wcxb(root: Path, limit: int | None) -> list[Page]:
+def load_wcxb(root: Path, limit: int | None, split: str = "all") -> list[Page]:
     meta = json.loads((root / "metadata.json").read_text(encoding="utf-8"))["files"]
     pages = []
-    for i in sorted(meta)[:limit]:
+    for i in _split(meta, split, _by_number)[:limit]:
         doc = json.loads((root / "ground-truth" / f"{i}.json").read_text(encoding="utf-8"))
         gt = doc["ground_truth"]
         pages.append(
@@ -83,9 +105,9 @@ def load_wcxb(root: Path, limit: int | None) -> list[Page]:
     return pages
 
 
-def load_zh(root: Path, limit: int | None) -> list[Page]:
+def load_zh(root: Path, limit: int | None, split: str = "all") -> list[Page]:
     truth = json.loads((root / "eval" / "cleaned_ground.json").read_text(encoding="utf-8"))
-    ids = sorted(truth)[:limit]
+    ids = _split(truth, split, _by_position)[:limit]
     return [
         Page(i, _decode_file(root / "original" / f"{i}.html"), truth[i]["articleBody"], truth[i].get("url"))
         for i in ids
@@ -197,13 +219,13 @@ def ours(page: Page) -> str:
 EXTRACTORS: dict[str, Callable[[Page], str]] = {"trafilatura": trafilatura_default, "ours": ours}
 
 
-def evaluate(data: Path, limit: int | None) -> dict:
+def evaluate(data: Path, limit: int | None, split: str = "all") -> dict:
     sets = {
-        "aeb": (load_aeb(data / "aeb", limit), lambda ps, outs: score_shingles(ps, outs, words)),
-        "wcxb-dev": (load_wcxb(data / "wcxb-dev", limit), score_wcxb),
-        "zh": (load_zh(data / "zh", limit), lambda ps, outs: score_shingles(ps, outs, zh_tokens)),
+        "aeb": (load_aeb(data / "aeb", limit, split), lambda ps, outs: score_shingles(ps, outs, words)),
+        "wcxb-dev": (load_wcxb(data / "wcxb-dev", limit, split), score_wcxb),
+        "zh": (load_zh(data / "zh", limit, split), lambda ps, outs: score_shingles(ps, outs, zh_tokens)),
     }
-    report: dict = {"sets": {}, "speed": {}}
+    report: dict = {"split": split, "sets": {}, "speed": {}}
     seconds: dict[str, float] = defaultdict(float)
     count = 0
     for name, (pages, scorer) in sets.items():
@@ -227,6 +249,7 @@ def evaluate(data: Path, limit: int | None) -> dict:
 
 def print_table(report: dict) -> None:
     names = list(EXTRACTORS)
+    print(f"split: {report['split']}")
     print(f"{'set':<22}{'n':>5}  " + "  ".join(f"{n + ' P/R/F1':>26}" for n in names))
     for set_name, by_ex in report["sets"].items():
         if set_name == "wcxb-dev":
@@ -253,10 +276,11 @@ def print_table(report: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--limit", type=int, default=None, help="pages per dataset, for a quick run")
+    parser.add_argument("--split", choices=SPLITS, default="all", help="half of each set: tune on even, check on odd")
     parser.add_argument("--json", action="store_true", help="print machine-readable figures instead of a table")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="the extraction data folder")
     args = parser.parse_args(argv)
-    report = evaluate(args.data, args.limit)
+    report = evaluate(args.data, args.limit, args.split)
     if args.json:
         json.dump(report, sys.stdout, indent=2)
         print()

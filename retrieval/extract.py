@@ -1,6 +1,8 @@
 """Main text, title, date and language from an HTML page.
 
-trafilatura (fast mode, no fallbacks of its own) does the first pass. Its output is checked
+trafilatura (fast mode, no fallbacks of its own) does the first pass, on a copy of the page from
+which class/id-marked newsletter, share and related-story boxes are removed (it keeps those when
+they sit inside the article element). Its output is checked
 against our own container extraction: the DOM node that dominates the page's text after
 boilerplate is stripped. Listings, product pages and forum threads are where trafilatura keeps
 too little (it drops link-heavy item lists and question posts), so when the container holds much
@@ -40,6 +42,7 @@ _DROP_TAGS = {
     "script", "style", "noscript", "template", "svg", "iframe", "form", "button", "select",
     "nav", "footer", "aside", "header", "menu", "dialog", "canvas", "video", "audio", "picture",
 }  # fmt: skip
+_CODE_TAGS = {"script", "style", "noscript", "template"}  # their text is code, never page text
 _BLOCK_TAGS = {
     "p", "div", "section", "article", "main", "li", "ul", "ol", "dl", "dt", "dd", "h1", "h2", "h3",
     "h4", "h5", "h6", "blockquote", "pre", "table", "tr", "figure", "figcaption", "address", "hr",
@@ -99,6 +102,38 @@ def _strip_boilerplate(body: etree._Element) -> None:
             doomed.append(el)
     for el in doomed:
         if el.getparent() is not None:
+            el.drop_tree()
+
+
+_TRAILING_CHROME = re.compile(
+    r"(?:^|[\s_-])(?:newsletter|subscribe|signup|share|sharing|social|related|recommended|"
+    r"outbrain|taboola)(?:$|[\s_-])",
+    re.IGNORECASE,
+)
+
+
+def _drop_marked(tree: etree._Element) -> None:
+    """Remove class/id-marked newsletter boxes, share bars and related-story lists, which trafilatura
+    keeps when they sit inside the article element. Code is dropped first so it does not count as text
+    in the size guard, which spares page-wide wrappers such as "has-related-sidebar"."""
+    body = tree.find(".//body")
+    if body is None:
+        return
+    marked = [
+        el
+        for el in body.iter("*")
+        if el.tag not in ("body", "main", "article") and (el.get("class") or el.get("id"))
+        and _TRAILING_CHROME.search(_attrs(el))
+    ]
+    if not marked:  # nothing to remove: skip the size pass
+        return
+    for el in [el for el in body.iter() if el.tag in _CODE_TAGS or not isinstance(el.tag, str)]:
+        if el.getparent() is not None:
+            el.drop_tree()
+    sizes = _text_sizes(body)
+    total = sizes[body] or 1
+    for el in marked:
+        if el.getparent() is not None and sizes.get(el, 0) < 0.2 * total:
             el.drop_tree()
 
 
@@ -256,7 +291,9 @@ def _extract(tree: etree._Element, url: str | None) -> Extracted:
     types = _declared_types(tree)
     # comments only on threads, where the replies are the content; on news pages they are noise
     forum = bool(types & _FORUM_TYPES)
-    main = trafilatura.extract(deepcopy(tree), url=url, fast=True, include_comments=forum, include_tables=True)
+    pruned = deepcopy(tree)
+    _drop_marked(pruned)
+    main = trafilatura.extract(pruned, url=url, fast=True, include_comments=forum, include_tables=True)
     main = clean_text(main or "")
     main_units = units(main)
     if _is_article(types):
