@@ -1,0 +1,221 @@
+"""vLLM embedded in this process (``AsyncLLM``), streaming deltas.
+
+vLLM runs its EngineCore (and, on CPU, a worker) in *spawned* processes, so every program that
+starts this engine needs its entry point under ``if __name__ == "__main__":``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Sequence
+from typing import TYPE_CHECKING, Any
+
+from engine.base import (
+    Delta,
+    Engine,
+    EngineError,
+    EngineUnavailable,
+    Health,
+    MultiModalData,
+    Prompt,
+    Sampling,
+    TokenizerLike,
+    stop_markers,
+)
+from engine.config import EngineConfig
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+    from vllm import SamplingParams
+    from vllm.outputs import CompletionOutput
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+log = logging.getLogger(__name__)
+
+
+class VLLMEngine(Engine):
+    backend = "vllm"
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self._llm: AsyncLLM | None = None
+        self._stop_ids: tuple[int, ...] = ()
+        self._stop_strings: tuple[str, ...] = ()
+
+    @property
+    def llm(self) -> AsyncLLM:
+        """The underlying ``AsyncLLM`` (e.g. to mount vLLM's own OpenAI app next to ours)."""
+        if self._llm is None:
+            raise EngineUnavailable("the vLLM engine is not started")
+        return self._llm
+
+    @property
+    def model(self) -> str:
+        return self.config.model
+
+    @property
+    def max_model_len(self) -> int:
+        return self.llm.model_config.max_model_len
+
+    @property
+    def tokenizer(self) -> TokenizerLike:
+        return self.llm.get_tokenizer()
+
+    async def start(self) -> None:
+        if self._llm is not None:
+            return
+        from vllm import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        c = self.config
+        args = AsyncEngineArgs(
+            model=c.model,
+            tokenizer=c.tokenizer,
+            revision=c.revision,
+            tokenizer_revision=c.revision,
+            dtype=c.dtype,
+            max_model_len=c.max_model_len,
+            gpu_memory_utilization=c.gpu_memory_utilization,
+            enable_prefix_caching=c.enable_prefix_caching,
+            load_format=c.load_format,
+            hf_overrides=dict(c.hf_overrides),
+            trust_remote_code=c.trust_remote_code,
+            enforce_eager=c.enforce_eager,
+            **({"limit_mm_per_prompt": c.limit_mm_per_prompt} if c.limit_mm_per_prompt else {}),
+        )
+        # Blocks the event loop while the engine processes start (≈30 s on CPU); this runs once, in the
+        # app's lifespan, before any request is served.
+        self._llm = AsyncLLM.from_engine_args(args)
+        self._stop_ids, self._stop_strings = stop_markers(self._llm.get_tokenizer())
+        log.info("vLLM engine ready: %s (stop ids %s, stop strings %s)", c.model, self._stop_ids, self._stop_strings)
+
+    async def shutdown(self) -> None:
+        llm, self._llm = self._llm, None
+        if llm is not None:
+            llm.shutdown()
+
+    def sampling_params(self, sampling: Sampling) -> SamplingParams:
+        """Our :class:`Sampling` as vLLM ``SamplingParams`` (delta output, special tokens visible)."""
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
+
+        s = sampling
+        return SamplingParams(
+            max_tokens=s.max_tokens,
+            min_tokens=s.min_tokens,
+            temperature=s.temperature,
+            top_p=s.top_p,
+            top_k=s.top_k,
+            min_p=s.min_p,
+            repetition_penalty=s.repetition_penalty,
+            seed=s.seed,
+            stop=list(dict.fromkeys((*self._stop_strings, *s.stop))),
+            stop_token_ids=list(dict.fromkeys((*self._stop_ids, *s.stop_token_ids))),
+            include_stop_str_in_output=s.include_stop_str_in_output,
+            logprobs=0 if s.logprobs else None,
+            logit_bias=dict(s.logit_bias) or None,
+            # The function-call markers are special tokens; the parser needs to see them in the text.
+            skip_special_tokens=False,
+            spaces_between_special_tokens=False,
+            structured_outputs=StructuredOutputsParams(regex=s.regex) if s.regex else None,
+            output_kind=RequestOutputKind.DELTA,
+        )
+
+    async def _engine_input(self, prompt: Prompt, multimodal: MultiModalData | None) -> Any:
+        """Render the prompt through vLLM's renderer (the non-deprecated input path)."""
+        from vllm.renderers.inputs.preprocess import parse_model_prompt
+
+        llm = self.llm
+        prompt_dict: dict[str, Any] = (
+            {"prompt": prompt} if isinstance(prompt, str) else {"prompt_token_ids": list(prompt)}
+        )
+        if multimodal:
+            prompt_dict["multi_modal_data"] = dict(multimodal)
+        renderer = llm.renderer
+        # Megrez has no BOS: text prompts must tokenize exactly as the same prompt given as ids.
+        params = renderer.default_cmpl_tok_params.with_kwargs(add_special_tokens=False)
+        (engine_input,) = await renderer.render_cmpl_async([parse_model_prompt(llm.model_config, prompt_dict)], params)
+        return engine_input
+
+    async def stream(
+        self,
+        prompt: Prompt,
+        sampling: Sampling,
+        *,
+        request_id: str,
+        multimodal: MultiModalData | None = None,
+    ) -> AsyncIterator[Delta]:
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        llm = self.llm
+        params = self.sampling_params(sampling)
+        try:
+            engine_input = await self._engine_input(prompt, multimodal)
+        except ValueError as exc:  # too long, out-of-vocabulary ids, bad multimodal data
+            raise EngineError(f"invalid prompt: {exc}") from exc
+        # aclosing: when our consumer stops early, vLLM's generator is closed right away, which aborts
+        # the request in the engine (rather than whenever it is garbage-collected).
+        try:
+            async with contextlib.aclosing(llm.generate(engine_input, params, request_id)) as outputs:
+                async for out in outputs:
+                    yield _delta(out.outputs[0], len(out.prompt_token_ids or ()), out.num_cached_tokens)
+        except EngineDeadError as exc:
+            raise EngineUnavailable(f"the vLLM engine died: {exc}") from exc
+
+    async def abort(self, request_id: str) -> None:
+        await self.llm.abort(request_id)
+
+    async def count_tokens(self, text: str) -> int:
+        return len(self.tokenizer.encode(text, add_special_tokens=False))
+
+    async def health(self) -> Health:
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        if self._llm is None:
+            return Health(ok=False, backend=self.backend, model=self.model, detail="not started")
+        try:
+            await self._llm.check_health()
+        except EngineDeadError as exc:
+            return Health(ok=False, backend=self.backend, model=self.model, detail=f"engine dead: {exc}")
+        return Health(
+            ok=True,
+            backend=self.backend,
+            model=self.model,
+            unfinished_requests=self._llm.get_num_unfinished_requests(),
+        )
+
+    async def openai_app(self, served_model_name: str, extra_args: Sequence[str] = ()) -> FastAPI:
+        """vLLM's own OpenAI-compatible app, served by *this* engine (no second model load).
+
+        Mount it (``app.mount("/vllm", ...)``) or serve it with uvicorn on the same event loop.
+        Uses vLLM 0.32 internals (the import paths move in 0.33).
+        """
+        from vllm.entrypoints.launchers.api_server.app_state import init_app_state
+        from vllm.entrypoints.launchers.app import build_app
+        from vllm.entrypoints.launchers.cli_args import make_arg_parser
+        from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+        llm = self.llm
+        argv = ["--model", self.config.model, "--served-model-name", served_model_name, *extra_args]
+        args = make_arg_parser(FlexibleArgumentParser()).parse_args(argv)
+        tasks = await llm.get_supported_tasks()
+        app = build_app(args, tasks, llm.model_config)
+        await init_app_state(llm, app.state, args, tasks)
+        return app
+
+
+def _delta(c: CompletionOutput, prompt_tokens: int, num_cached_tokens: int | None) -> Delta:
+    token_ids = tuple(c.token_ids)
+    logprobs = None
+    if c.logprobs is not None:
+        logprobs = tuple(position[tid].logprob for tid, position in zip(token_ids, c.logprobs, strict=True))
+    return Delta(
+        text=c.text,
+        token_ids=token_ids,
+        finish_reason=c.finish_reason,
+        stop_reason=c.stop_reason,
+        prompt_tokens=prompt_tokens or None,
+        num_cached_tokens=num_cached_tokens,
+        logprobs=logprobs,
+    )
