@@ -9,11 +9,10 @@ import time
 
 import pytest
 
+from tests.net import free_port
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+# The session's one embedded vLLM engine (tiny_engine) and tiny checkpoints.
+pytest_plugins = ["tests.tiny_models"]
 
 
 @pytest.fixture(scope="session")

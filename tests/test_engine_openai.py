@@ -1,0 +1,211 @@
+"""The remote engine against a real vLLM OpenAI server: vLLM's own app, served in-process on
+127.0.0.1 by uvicorn on the test event loop and backed by the session's tiny engine (no second load)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import pytest
+import pytest_asyncio
+
+from engine.base import Delta, Engine, EngineError, EngineUnavailable, ModelNotFound, Sampling
+from engine.config import EngineConfig
+from engine.factory import build_engine
+from engine.openai_engine import OpenAIEngine, server_root
+from engine.parser import FunctionCallEvent, parse_forced_call
+from engine.protocol import FORCED_SEARCH_REGEX, Message, PromptEncoder
+from engine.vllm_engine import VLLMEngine
+from tests.net import free_port
+from tests.tiny_models import serve_in_process
+
+SERVED = "megrez-tiny"
+PROMPT = "<|role_start|>user<|role_end|>The weather today?<|turn_end|><|role_start|>assistant<|role_end|>"
+_ids = itertools.count()
+
+
+def rid() -> str:
+    return f"remote-{next(_ids)}"
+
+
+def remote_config(base_url: str, model_dir: Path | str = "/nonexistent", **overrides: object) -> EngineConfig:
+    fields: dict[str, object] = {
+        "backend": "openai",
+        "model": str(model_dir),
+        "openai_base_url": base_url,
+        "openai_model": SERVED,
+        "retry_backoff_s": 0.01,
+    }
+    return EngineConfig(**(fields | overrides))
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def server_url(tiny_engine: VLLMEngine) -> AsyncIterator[str]:
+    app = await tiny_engine.openai_app(SERVED, ["--enable-prompt-tokens-details"])
+    async with serve_in_process(app) as url:
+        yield f"{url}/v1"
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def remote(server_url: str, tiny_model_dir: Path) -> AsyncIterator[OpenAIEngine]:
+    engine = build_engine(remote_config(server_url, tiny_model_dir))
+    assert isinstance(engine, OpenAIEngine)
+    async with engine:
+        yield engine
+
+
+async def collect(engine: Engine, prompt: str | list[int], sampling: Sampling) -> list[Delta]:
+    return [d async for d in engine.stream(prompt, sampling, request_id=rid())]
+
+
+async def wait_idle(tiny_engine: VLLMEngine) -> int:
+    for _ in range(100):
+        if tiny_engine.llm.get_num_unfinished_requests() == 0:
+            break
+        await asyncio.sleep(0.05)
+    return tiny_engine.llm.get_num_unfinished_requests()
+
+
+def test_server_root() -> None:
+    assert server_root("http://h:8000/v1/") == server_root("http://h:8000") == "http://h:8000"
+
+
+async def test_stream_matches_the_embedded_engine(remote: OpenAIEngine, tiny_engine: VLLMEngine) -> None:
+    sampling = Sampling(max_tokens=12, logprobs=True)
+    deltas = await collect(remote, PROMPT, sampling)
+    local = await collect(tiny_engine, PROMPT, sampling)
+    assert [t for d in deltas for t in d.token_ids] == [t for d in local for t in d.token_ids]
+    assert "".join(d.text for d in deltas) == "".join(d.text for d in local)
+    assert deltas[-1].finish_reason == "length" and all(d.finish_reason is None for d in deltas[:-1])
+    assert deltas[-1].prompt_tokens == await remote.count_tokens(PROMPT)
+    assert deltas[-1].num_cached_tokens is not None
+    assert sum(len(d.logprobs or ()) for d in deltas) == 12
+    assert remote.model == SERVED and remote.max_model_len == 2048
+
+
+async def test_token_id_prompt_and_stop_token(remote: OpenAIEngine) -> None:
+    ids = remote.tokenizer.encode(PROMPT, add_special_tokens=False)
+    free = await collect(remote, ids, Sampling(max_tokens=6))
+    assert [d.token_ids for d in free] == [d.token_ids for d in await collect(remote, PROMPT, Sampling(max_tokens=6))]
+    third = free[2].token_ids[0]
+    stopped = await collect(remote, ids, Sampling(max_tokens=6, stop_token_ids=(third,)))
+    assert [t for d in stopped for t in d.token_ids] == [t for d in free[:3] for t in d.token_ids]
+    assert (stopped[-1].finish_reason, stopped[-1].stop_reason) == ("stop", third)
+    # The Megrez stop tokens go by id: a biased <|eos|> ends the turn, and stays out of the text.
+    eos = remote.tokenizer.get_vocab()["<|eos|>"]
+    biased = await collect(remote, ids, Sampling(max_tokens=20, min_tokens=2, logit_bias={eos: 100}))
+    assert (biased[-1].finish_reason, biased[-1].stop_reason) == ("stop", eos)
+    assert "<|eos|>" not in "".join(d.text for d in biased)
+
+
+async def test_forced_search_regex_goes_to_the_server(remote: OpenAIEngine) -> None:
+    tok = remote.tokenizer
+    prompt = PromptEncoder(tok).encode([Message("user", "北京今天的天气")], force_search=True)
+    close = tok.encode('"}}', add_special_tokens=False)[0]  # see test_engine_vllm: closes the query soon
+    sampling = Sampling(max_tokens=40, regex=FORCED_SEARCH_REGEX, logit_bias={close: 30})
+    deltas = await collect(remote, prompt, sampling)
+    call = parse_forced_call("".join(d.text for d in deltas))
+    assert isinstance(call, FunctionCallEvent), call
+    assert call.arguments["query"]
+
+
+async def test_abort_from_another_task_ends_the_stream(remote: OpenAIEngine, tiny_engine: VLLMEngine) -> None:
+    request_id = rid()
+    first = asyncio.Event()
+    deltas: list[Delta] = []
+
+    async def consume() -> None:
+        async for delta in remote.stream(PROMPT, Sampling(max_tokens=1000, min_tokens=1000), request_id=request_id):
+            deltas.append(delta)
+            first.set()
+
+    task = asyncio.create_task(consume())
+    await first.wait()
+    await remote.abort(request_id)
+    await asyncio.wait_for(task, 10)
+    assert deltas[-1].finish_reason == "abort"
+    assert await wait_idle(tiny_engine) == 0
+
+
+async def test_cancelling_the_consumer_aborts_on_the_server(remote: OpenAIEngine, tiny_engine: VLLMEngine) -> None:
+    first = asyncio.Event()
+
+    async def consume() -> None:
+        async for _ in remote.stream(PROMPT, Sampling(max_tokens=1000, min_tokens=1000), request_id=rid()):
+            first.set()
+
+    task = asyncio.create_task(consume())
+    await first.wait()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    assert await wait_idle(tiny_engine) == 0
+
+
+async def test_wrong_model_name_lists_the_served_models(server_url: str) -> None:
+    engine = OpenAIEngine(remote_config(server_url, openai_model="Megrez-3B-Omni"))
+    with pytest.raises(ModelNotFound, match=SERVED) as info:
+        await engine.start()
+    assert info.value.served == [SERVED]
+
+
+async def test_model_gone_after_start_is_reported_with_the_served_models(remote: OpenAIEngine) -> None:
+    remote._model = "renamed"  # as if the server restarted with another model
+    with pytest.raises(ModelNotFound, match=SERVED):
+        await collect(remote, PROMPT, Sampling(max_tokens=2))
+
+
+async def test_served_model_is_picked_when_none_is_configured(server_url: str) -> None:
+    async with OpenAIEngine(remote_config(server_url, openai_model=None)) as engine:
+        assert engine.model == SERVED
+        # No local tokenizer at /nonexistent: counting goes through the server's /tokenize.
+        assert engine.tokenizer is None
+        assert await engine.count_tokens("The weather today") > 0
+        assert (await engine.health()).ok
+
+
+async def test_unreachable_server_names_the_url() -> None:
+    url = f"http://127.0.0.1:{free_port()}"
+    engine = OpenAIEngine(remote_config(url, retries=1))
+    with pytest.raises(EngineUnavailable, match=r"127\.0\.0\.1.*2 attempts"):
+        await engine.start()
+
+
+class FlakyTransport(httpx.AsyncBaseTransport):
+    """Refuses the first ``failures`` connections, like a server that is still starting."""
+
+    def __init__(self, failures: int) -> None:
+        self.failures = failures
+        self.attempts = 0
+        self.inner = httpx.AsyncHTTPTransport()
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        self.attempts += 1
+        if self.attempts <= self.failures:
+            raise httpx.ConnectError("connection refused", request=request)
+        return await self.inner.handle_async_request(request)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+async def test_connection_errors_are_retried(server_url: str, tiny_model_dir: Path) -> None:
+    transport = FlakyTransport(failures=2)
+    async with OpenAIEngine(remote_config(server_url, tiny_model_dir, retries=2), transport=transport) as engine:
+        assert transport.attempts == 3  # /v1/models: two refusals, then through
+        transport.attempts, transport.failures = 0, 1
+        deltas = await collect(engine, PROMPT, Sampling(max_tokens=3))
+        assert transport.attempts == 2 and deltas[-1].finish_reason == "length"
+        transport.attempts, transport.failures = 0, 5
+        with pytest.raises(EngineUnavailable, match="3 attempts"):
+            await collect(engine, PROMPT, Sampling(max_tokens=3))
+
+
+async def test_multimodal_is_refused(remote: OpenAIEngine) -> None:
+    with pytest.raises(EngineError, match="no images or audio"):
+        async for _ in remote.stream(PROMPT, Sampling(), request_id=rid(), multimodal={"image": []}):
+            pass
