@@ -6,7 +6,9 @@ they sit inside the article element). Its output is checked
 against our own container extraction: the DOM node that dominates the page's text after
 boilerplate is stripped. Listings, product pages and forum threads are where trafilatura keeps
 too little (it drops link-heavy item lists and question posts), so when the container holds much
-more text we use it instead. What the page declares (schema.org JSON-LD, og:type) picks the rule:
+more text we use it instead. On pages that declare no type, the DOM region spanning trafilatura's
+paragraphs is taken when it is moderately larger: it restores the headings and lists trafilatura
+dropped between them. What the page declares (schema.org JSON-LD, og:type) picks the rule:
 articles trust trafilatura, product pages demand a much larger surplus before switching (their
 containers carry related products and contact blocks), threads keep their replies. Lengths are counted in "units" (a CJK character or a Latin word),
 because Chinese has no spaces and word counts would call a long article short.
@@ -149,6 +151,14 @@ def _container(body: etree._Element) -> etree._Element:
     return node
 
 
+# inline tags that style words in running text; any other inline element (span, a, label...) is a
+# separate piece on screen (card titles, prices, brand names laid out by CSS), so it gets a space
+_PHRASE_TAGS = {"b", "i", "em", "strong", "u", "s", "sup", "sub", "small", "mark", "abbr", "font", "code", "tt"}
+
+
+_SPACED_PUNCT = re.compile(r" +(?=[,.;:!?])")
+
+
 def _render(node: etree._Element) -> str:
     parts: list[str] = []
 
@@ -156,6 +166,8 @@ def _render(node: etree._Element) -> str:
         block = el.tag in _BLOCK_TAGS
         if block:
             parts.append("\n")
+        elif el.tag not in _PHRASE_TAGS:
+            parts.append(" ")
         if el.tag == "br":
             parts.append("\n")
         if el.text:
@@ -165,22 +177,52 @@ def _render(node: etree._Element) -> str:
                 walk(child)
             if child.tail:
                 parts.append(child.tail)
-        if el.tag in ("td", "th"):
-            parts.append(" ")
         if block:
             parts.append("\n")
+        elif el.tag not in _PHRASE_TAGS:
+            parts.append(" ")
 
     walk(node)
-    return clean_text("".join(parts))
+    return _SPACED_PUNCT.sub("", clean_text("".join(parts)))
 
 
-def container_text(tree: etree._Element) -> str:
+def stripped_body(tree: etree._Element) -> etree._Element:
+    """A copy of the page's body without chrome, shared by the container and region candidates."""
     body = tree.find(".//body")
-    if body is None:
-        body = tree
-    body = deepcopy(body)
+    body = deepcopy(tree if body is None else body)
     _strip_boilerplate(body)
+    return body
+
+
+def container_text(body: etree._Element) -> str:
     return _render(_container(body))
+
+
+def _leaf_blocks(root: etree._Element) -> list[etree._Element]:
+    """Block elements holding no other block, found in one bottom-up pass."""
+    leaves, has_block = [], set()
+    for el in reversed(list(root.iter())):
+        if el.tag in _BLOCK_TAGS and el not in has_block:
+            leaves.append(el)
+        if (el.tag in _BLOCK_TAGS or el in has_block) and (parent := el.getparent()) is not None:
+            has_block.add(parent)
+    return leaves
+
+
+def region_text(body: etree._Element, main: str) -> str:
+    """Render the smallest region of the stripped body holding every paragraph trafilatura kept:
+    the headings, lists and captions it dropped between them come back."""
+    wanted = {_norm(line) for line in main.split("\n\n") if units(line) >= 3}
+    hits = [el for el in _leaf_blocks(body) if _norm(el.text_content()) in wanted]
+    if len(hits) < 2:
+        return ""
+    paths = [list(el.iterancestors())[::-1] + [el] for el in hits]
+    common = body
+    for level in zip(*paths):
+        if any(node is not level[0] for node in level):
+            break
+        common = level[0]
+    return _render(common)
 
 
 _DATE_META = (
@@ -299,14 +341,22 @@ def _extract(tree: etree._Element, url: str | None) -> Extracted:
     if _is_article(types):
         if main_units >= _MIN_ARTICLE_UNITS:
             return _with_text(meta, _drop_title(tree, meta.title, main))
-        fallback = container_text(tree)
+        fallback = container_text(stripped_body(tree))
         return _with_text(meta, _drop_title(tree, meta.title, fallback if units(fallback) > main_units else main))
     # listings and threads: trafilatura drops link-heavy items and question posts, so a container
     # holding twice the text (plus a margin for stray chrome) is the better answer. On product
     # pages the container's surplus is mostly related products and reviews, so demand far more.
     factor = 4 if _is_product(types) else 2
-    fallback = container_text(tree)
+    body = stripped_body(tree)
+    fallback = container_text(body)
     text = fallback if units(fallback) >= factor * main_units + 20 else main
+    if text is main and not forum and not _is_product(types):
+        # pages that declare nothing (services, collections): trafilatura keeps the paragraphs but drops
+        # the headings, spec lists and captions between them; the region spanning its paragraphs holds
+        # them, and a modest surplus means that is what came back rather than a whole page of chrome
+        region = region_text(body, main)
+        if 1.2 * main_units <= units(region) <= 2.5 * main_units:
+            text = region
     return _with_text(meta, _drop_title(tree, meta.title, text))
 
 
@@ -329,3 +379,4 @@ def _drop_title(tree: etree._Element, title: str, text: str) -> str:
 
 def _with_text(meta: Extracted, text: str) -> Extracted:
     return Extracted(title=meta.title, text=text, date=meta.date, language=meta.language)
+

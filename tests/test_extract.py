@@ -68,6 +68,24 @@ def test_product_page_keeps_description_without_page_chrome() -> None:
     assert "222-4700" not in text  # the sales hotline in the page's contact block
 
 
+def test_undeclared_page_keeps_headings_trafilatura_drops_between_paragraphs() -> None:
+    # no schema.org type: the DOM region spanning trafilatura's paragraphs brings back the section
+    # headings and link captions between them
+    text = extract(_wcxb("0066"), url="https://www.xfinity.com/learn/digital-cable-tv").text
+    assert "An unmatched viewing experience" in text
+    assert "Build your plan" in text
+    assert "Explore Xfinity TV" in text
+    assert "Turn any screen into a TV" in text
+
+
+def test_collection_item_titles_keep_word_boundaries() -> None:
+    # brand and model sit in adjacent spans; gluing them would turn both into one unknown word
+    text = extract(_wcxb("3002"), url="https://www.rei.com/c/climbing-shoes").text
+    titles = ["La Sportiva Aragon Climbing Shoes", "La Sportiva Tarantulace Climbing Shoes", "Scarpa Veloce Climbing Shoes"]
+    assert all(title in text for title in titles)
+    assert "SportivaAragon" not in text
+
+
 def test_headline_is_not_repeated_as_first_paragraph() -> None:
     page_id = "05844573ca7e1fba714d715bb11ca08c26e25328999c74a1cb3bc8a0e4399f0f"
     result = extract(gzip.decompress((DATA / "aeb" / "html" / f"{page_id}.html.gz").read_bytes()))
