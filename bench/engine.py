@@ -5,6 +5,8 @@ real shape (vocabulary 122880, hidden 2560, 40/10 heads) with 2 of its 32 layers
 Both run float32 and eager (as the tests do). For each model and path:
 
 - time to first token (TTFT) and decode speed on fresh prompts (prefix cache reset before each run);
+- prefix-cache hits across requests: two unrelated questions 37 minutes apart under the search-mode
+  system prompt, its time floored to the hour (our default) vs to the second;
 - prefix-cache hits on a two-turn conversation: turn 2's prompt is turn 1's prompt plus the answer
   and a follow-up question; hit ratio = num_cached_tokens / prompt tokens. vLLM caches whole blocks
   only (128 tokens on CPU), so a partial last block is always recomputed.
@@ -21,12 +23,13 @@ import statistics
 import tempfile
 import time
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from pathlib import Path
 
 from engine.base import Engine, Sampling
 from engine.config import EngineConfig
 from engine.openai_engine import OpenAIEngine
-from engine.protocol import Message, PromptEncoder
+from engine.protocol import Message, PromptEncoder, TimeGranularity, system_prompt
 from engine.vllm_engine import VLLMEngine
 from tests.tiny_models import build_megrez_shape, build_tiny_llama, serve_in_process, tiny_engine_config
 
@@ -102,6 +105,24 @@ async def cache_hits(engine: Engine, local: VLLMEngine, encoder: PromptEncoder, 
     return CacheHits(prompt1, cached1, prompt2, cached2)
 
 
+async def system_prompt_hits(
+    engine: Engine, local: VLLMEngine, encoder: PromptEncoder, granularity: TimeGranularity
+) -> tuple[int, int]:
+    """Cached tokens of a second, unrelated request 37 minutes and 1 second after a first one: both
+    carry the search-mode system prompt, whose time line is floored to ``granularity``."""
+    first = datetime(2024, 9, 20, 18, 5, 12)
+    cached, prompt = 0, 0
+    for now, question in ((first, "What changed today?"), (first + timedelta(minutes=37, seconds=1), "Who won?")):
+        if now is first:
+            await local.llm.reset_prefix_cache()
+        system = system_prompt(now, search=True, granularity=granularity)
+        ids = encoder.encode([Message("system", system), Message("user", f"{question}\n{contexts(7)}")])
+        async for delta in engine.stream(ids, Sampling(max_tokens=1), request_id=f"bench-{next(_ids)}"):
+            prompt = delta.prompt_tokens or prompt
+            cached = delta.num_cached_tokens if delta.num_cached_tokens is not None else cached
+    return cached, prompt
+
+
 async def bench_model(
     name: str, config: EngineConfig, runs: int, tokens: int
 ) -> list[tuple[str, str, Speed, CacheHits]]:
@@ -118,6 +139,14 @@ async def bench_model(
                     await timed(engine, encoder.encode([Message("user", "warm-up")]), 2)
                     s = await speed(engine, local, encoder, runs, tokens)
                     c = await cache_hits(engine, local, encoder, tokens)
+                    if path == "embedded":
+                        for granularity in ("hour", "second"):
+                            cached, prompt = await system_prompt_hits(engine, local, encoder, granularity)
+                            print(
+                                f"{name}: time floored to the {granularity}: next request reuses "
+                                f"{cached}/{prompt} prompt tokens",
+                                flush=True,
+                            )
                     rows.append((name, path, s, c))
     return rows
 
