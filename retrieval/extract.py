@@ -86,6 +86,11 @@ def _text_sizes(root: etree._Element) -> dict[etree._Element, int]:
     return sizes
 
 
+def _chars(el: etree._Element) -> int:
+    """Characters of text under ``el``, ignoring whitespace around each text node."""
+    return sum(len(t.strip()) for t in el.itertext())
+
+
 def _strip_boilerplate(body: etree._Element) -> None:
     """Remove chrome: non-content tags, and class/id-marked blocks that do not hold most of the page."""
     sizes = _text_sizes(body)
@@ -129,13 +134,13 @@ def _drop_marked(tree: etree._Element) -> None:
     ]
     if not marked:  # nothing to remove: skip the size pass
         return
-    for el in [el for el in body.iter() if el.tag in _CODE_TAGS or not isinstance(el.tag, str)]:
+    # Tag-filtered iteration runs in C; a full Python pass over every node is what made this slow.
+    for el in [*body.iter(*_CODE_TAGS), *body.iter(etree.Comment, etree.ProcessingInstruction)]:
         if el.getparent() is not None:
             el.drop_tree()
-    sizes = _text_sizes(body)
-    total = sizes[body] or 1
+    total = _chars(body) or 1
     for el in marked:
-        if el.getparent() is not None and sizes.get(el, 0) < 0.2 * total:
+        if el.getparent() is not None and _chars(el) < 0.2 * total:
             el.drop_tree()
 
 
