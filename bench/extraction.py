@@ -32,12 +32,11 @@ import trafilatura
 
 from retrieval.decode import decode_body
 from retrieval.extract import extract
+from retrieval.tokenize import UNIT
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "extraction"
 
 _WORD = re.compile(r"\w+")
-_CJK_CHARS = "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\u3040-\u30ff\uac00-\ud7af"
-_ZH_TOKEN = re.compile(rf"[{_CJK_CHARS}]|[^\W{_CJK_CHARS}]+")
 
 
 @dataclass(slots=True)
@@ -119,7 +118,7 @@ def words(text: str) -> list[str]:
 
 
 def zh_tokens(text: str) -> list[str]:
-    return _ZH_TOKEN.findall(text.lower())
+    return UNIT.findall(text.lower())
 
 
 def shingles(tokens: list[str], n: int = 4) -> Counter[tuple[str, ...]]:

@@ -26,6 +26,7 @@ from lxml import etree
 from lxml import html as lxml_html
 
 from retrieval.decode import decode_body
+from retrieval.tokenize import UNIT
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,8 +37,6 @@ class Extracted:
     language: str | None = None
 
 
-_CJK = "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\u3040-\u30ff\uac00-\ud7af"
-_UNIT = re.compile(rf"[{_CJK}]|[^\W{_CJK}]+")
 _MAX_CHARS = 5_000_000  # beyond this a "page" is a dump; parsing it would stall the fetcher
 
 _DROP_TAGS = {
@@ -62,7 +61,7 @@ _JUNK = re.compile(r"[\ufffd\x00-\x08\x0b\x0c\x0e-\x1f\x7f]+")
 
 
 def units(text: str) -> int:
-    return len(_UNIT.findall(text))
+    return len(UNIT.findall(text))
 
 
 def clean_text(text: str) -> str:
@@ -366,7 +365,7 @@ def _extract(tree: etree._Element, url: str | None) -> Extracted:
 
 
 def _norm(text: str) -> str:
-    return " ".join(_UNIT.findall(text.lower()))
+    return " ".join(UNIT.findall(text.lower()))
 
 
 def _drop_title(tree: etree._Element, title: str, text: str) -> str:

@@ -37,7 +37,7 @@ from dataclasses import replace
 import bm25s
 import numpy as np
 
-from retrieval.tokenize import estimate_tokens, terms
+from retrieval.tokenize import CJK_CHARS, estimate_tokens, terms
 from retrieval.types import Page, Passage
 
 CONTEXT_OVERHEAD = "[[citation:10]]\n\n"
@@ -71,7 +71,7 @@ _ABBREVIATIONS = frozenset({
 _WORD_SPAN = re.compile(r"\S+\s*")
 # What a title carries besides the name of its subject: "(band)", " - Wikipedia", " | Site".
 # Copies are compared word by word (each CJK character a word); unstemmed is fast and exact enough.
-_SHINGLE_WORD = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\u3040-\u30ff\uac00-\ud7af]|[^\W_]+")
+_SHINGLE_WORD = re.compile(rf"[{CJK_CHARS}]|[^\W_]+")
 _TITLE_DECORATION = re.compile(r"\s*\([^()]*\)$|\s+[-|–—]\s.*$")
 
 

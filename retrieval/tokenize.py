@@ -13,7 +13,11 @@ from functools import lru_cache
 import Stemmer
 
 _WORD = re.compile(r"[^\W_]+", re.UNICODE)
-_CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\u3040-\u30ff\uac00-\ud7af]")
+# CJK ideographs, kana and hangul: scripts written without spaces between words.
+CJK_CHARS = "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\u3040-\u30ff\uac00-\ud7af"
+_CJK = re.compile(f"[{CJK_CHARS}]")
+# A unit of text for length and overlap measures: one CJK character, or a run of other word characters.
+UNIT = re.compile(rf"[{CJK_CHARS}]|[^\W{CJK_CHARS}]+")
 _STEMMER = Stemmer.Stemmer("english")
 STOPWORDS = frozenset(
     """a an and are as at be but by for from has have he her his i if in into is it its of on or
