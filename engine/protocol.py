@@ -71,6 +71,10 @@ SPECIAL_TOKENS: Final = (
 )
 
 Role = Literal["system", "user", "assistant", "observation"]
+MediaKind = Literal["image", "audio"]
+# What stands for one image or audio clip in a prompt; the Omni processor expands it on token ids
+# (MiniCPM-V's convention, which MegrezO follows). Encoded on its own, never as part of user text.
+MEDIA_PLACEHOLDERS: Final[dict[str, str]] = {"image": "(<image>./</image>)", "audio": "(<audio>./</audio>)"}
 TimeGranularity = Literal["second", "minute", "hour"]
 DEFAULT_TIME_GRANULARITY: Final[TimeGranularity] = "hour"
 
@@ -94,19 +98,24 @@ FORCED_SEARCH_REGEX: Final = r'(?:[^"\\\x00-\x1f]|\\["\\/bfnrt]|\\u[0-9a-fA-F]{4
 @dataclass(frozen=True, slots=True)
 class Message:
     """One chat message. ``function_call`` is the raw JSON body of an assistant's tool call, kept
-    byte for byte as generated (the model sees its own history exactly as it wrote it)."""
+    byte for byte as generated (the model sees its own history exactly as it wrote it). ``media`` lists
+    the images and audio clips of a user message, in order (Megrez-3B-Omni); each becomes a placeholder
+    line before the text."""
 
     role: Role
     content: str
     function_call: str | None = None
+    media: tuple[MediaKind, ...] = ()
 
     def __post_init__(self) -> None:
         if self.function_call is not None and self.role != "assistant":
             raise ValueError("only assistant messages carry a function call")
+        if self.media and self.role != "user":
+            raise ValueError("only user messages carry images or audio")
 
 
 class Segment(NamedTuple):
-    """A piece of a rendered prompt: either a special token or plain text."""
+    """A piece of a rendered prompt: plain text, or (``special``) a special token or a media placeholder."""
 
     text: str
     special: bool
@@ -228,6 +237,9 @@ def prompt_segments(
         yield Segment(ROLE_START, True)
         yield Segment(message.role, False)
         yield Segment(ROLE_END, True)
+        for kind in message.media:
+            yield Segment(MEDIA_PLACEHOLDERS[kind], True)
+            yield Segment("\n", False)
         if message.content:
             yield Segment(message.content, False)
         if message.function_call is not None:
@@ -280,6 +292,13 @@ class PromptEncoder:
             raise RuntimeError("tokenizer produced special-token ids from plain text (split_special_tokens ignored?)")
         return ids
 
+    def placeholder_ids(self, placeholder: str) -> list[int]:
+        """A media placeholder's ids, encoded on its own so the Omni processor finds exactly these ids."""
+        ids: list[int] = self.tokenizer(placeholder, add_special_tokens=False)["input_ids"]
+        if set(self.special_ids.values()).intersection(ids):
+            raise RuntimeError(f"the media placeholder {placeholder!r} encodes to a Megrez control token")
+        return ids
+
     def encode(
         self, messages: Sequence[Message], *, add_generation_prompt: bool = True, force_search: bool = False
     ) -> list[int]:
@@ -288,8 +307,10 @@ class PromptEncoder:
         for segment in prompt_segments(
             messages, add_generation_prompt=add_generation_prompt, force_search=force_search
         ):
-            if segment.special:
+            if segment.special and segment.text in self.special_ids:
                 ids.append(self.special_ids[segment.text])
+            elif segment.special:
+                ids.extend(self.placeholder_ids(segment.text))
             else:
                 ids.extend(self.encode_text(segment.text))
         return ids

@@ -101,7 +101,7 @@ def build_tiny_llama(path: Path) -> Path:
     return path
 
 
-def _renumber_special_tokens(path: Path) -> None:
+def renumber_special_tokens(path: Path) -> None:
     """Move the special tokens of the saved tiny tokenizer to Megrez's real ids (120000 and up).
 
     The byte-level BPE merges refer to tokens by string, so only the vocabulary entries and the
@@ -123,7 +123,7 @@ def _renumber_special_tokens(path: Path) -> None:
 def build_megrez_shape(path: Path, num_hidden_layers: int = 2) -> Path:
     """Megrez-3B-Instruct's config (``num_hidden_layers`` layers) and tokenizer ids, no weights."""
     build_megrez_tokenizer(path)
-    _renumber_special_tokens(path)
+    renumber_special_tokens(path)
     _llama_config(path, num_hidden_layers=num_hidden_layers, **MEGREZ_3B_CONFIG).save_pretrained(path)
     return path
 

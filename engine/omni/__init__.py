@@ -1,1 +1,1 @@
-"""Megrez-3B-Omni support: media preprocessing (this slice); the vLLM model plugin comes next."""
+"""Megrez-3B-Omni: media preprocessing, the vLLM model plugin (config, processor, model) and request preparation."""

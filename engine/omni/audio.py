@@ -18,6 +18,7 @@ import soxr
 from transformers import WhisperFeatureExtractor
 
 from engine.omni.errors import MediaError
+from engine.protocol import MEDIA_PLACEHOLDERS
 
 SAMPLE_RATE = 16_000
 N_MELS = 128
@@ -28,7 +29,7 @@ MAX_AUDIO_SECONDS = 120.0  # our default cap: 4 segments (3008 tokens) is alread
 
 # Whether segments share one <audio> block is not verifiable without the vendor's processor; we
 # give each segment its own block. ASSUMED, like the image markers.
-AUDIO_PLACEHOLDER = "(<audio>./</audio>)"  # what chat rendering inserts for one audio
+AUDIO_PLACEHOLDER = MEDIA_PLACEHOLDERS["audio"]  # what a prompt holds for one clip
 AUDIO_START, AUDIO_END = "<audio>", "</audio>"
 FILLER_TOKEN = "<|unk|>"
 
@@ -54,10 +55,15 @@ class AudioInputs:
         return sum(self.span_tokens)
 
 
+def encoder_frames(mel_frames: int) -> int:
+    """Frames after the encoder's convolutions: conv2 has kernel 3, stride 2, padding 1 (conv1 keeps the length)."""
+    return (mel_frames - 1) // 2 + 1
+
+
 def _segment_span(num_samples: int) -> tuple[int, int, int]:
     """(mel frames, frames after conv2, prompt tokens incl. bos/eos) for one <=30 s segment."""
     mel = num_samples // HOP_LENGTH
-    after_cnn = (mel - 1) // 2 + 1  # conv2: kernel 3, stride 2, padding 1 (conv1 keeps the length)
+    after_cnn = encoder_frames(mel)
     pooled = (after_cnn - 2) // 2 + 1  # AvgPool1d(2, stride 2)
     return mel, after_cnn, pooled + 2
 

@@ -20,6 +20,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from engine.omni.errors import MediaError
+from engine.protocol import MEDIA_PLACEHOLDERS
 
 SCALE_RESOLUTION = 448
 PATCH_SIZE = 14
@@ -43,7 +44,7 @@ ALLOWED_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "GIF", "BMP"})
 # Megrez's ``<|unk|>`` (id 120001), the token that receives the image embeddings. ASSUMED, not
 # verified: the vendor's ``processing_megrezo.py`` was not available to read, so the marker strings
 # below are the MiniCPM-V defaults; adjust them here once checked against the checkpoint.
-IMAGE_PLACEHOLDER = "(<image>./</image>)"  # what chat rendering inserts for one image
+IMAGE_PLACEHOLDER = MEDIA_PLACEHOLDERS["image"]  # what a prompt holds for one image
 FILLER_TOKEN = "<|unk|>"
 IMAGE_START, IMAGE_END = "<image>", "</image>"
 SLICE_START, SLICE_END = "<slice>", "</slice>"
@@ -134,9 +135,13 @@ def image_token_count(width: int, height: int, *, max_slice_nums: int = MAX_SLIC
 
 def image_placeholder_text(width: int, height: int, *, max_slice_nums: int = MAX_SLICE_NUMS) -> str:
     """The prompt text that replaces IMAGE_PLACEHOLDER for an image of this size."""
+    return grid_placeholder_text(sliced_grid(width, height, max_slice_nums=max_slice_nums))
+
+
+def grid_placeholder_text(grid: tuple[int, int] | None) -> str:
+    """The placeholder text for a (cols, rows) slice grid, or for an overview-only image (None)."""
     piece = FILLER_TOKEN * QUERY_NUM
     text = IMAGE_START + piece + IMAGE_END
-    grid = sliced_grid(width, height, max_slice_nums=max_slice_nums)
     if grid is not None:
         cols, rows = grid
         row = (SLICE_START + piece + SLICE_END) * cols
