@@ -51,7 +51,10 @@ class EngineConfig(BaseModel):
         default=False,
         description="Skip torch.compile and CUDA graphs: starts much faster (CPU tests), decodes slower on GPU.",
     )
-    trust_remote_code: bool = Field(default=False, description="Allow the checkpoint's own Python code (Omni).")
+    trust_remote_code: bool = Field(
+        default=False,
+        description="Allow the checkpoint's own Python code (not needed for Omni: our plugin has its config).",
+    )
     openai_base_url: str = Field(
         default="http://127.0.0.1:8000",
         description="Root of the OpenAI-compatible server; a trailing /v1 is accepted.",
