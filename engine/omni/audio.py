@@ -103,7 +103,7 @@ def resample(waveform: np.ndarray, sample_rate: int, target_rate: int = SAMPLE_R
     return soxr.resample(waveform.astype(np.float32), sample_rate, target_rate).astype(np.float32)
 
 
-def _to_mono_float(waveform: np.ndarray) -> np.ndarray:
+def to_mono_float(waveform: np.ndarray) -> np.ndarray:
     arr = np.asarray(waveform)
     if arr.ndim == 2 and 0 not in arr.shape and min(arr.shape) <= 2 and arr.shape[0] != arr.shape[1]:
         # (channels, samples) or (samples, channels): the short axis is the channel axis.
@@ -134,7 +134,7 @@ def preprocess_audio(waveform: np.ndarray, sample_rate: int, *, max_seconds: flo
     """Validate, downmix, resample to 16 kHz and turn a clip into per-segment log-mel features."""
     if not isinstance(sample_rate, (int, np.integer)) or sample_rate <= 0:
         raise MediaError(f"invalid sample rate {sample_rate!r}")
-    mono = _to_mono_float(waveform)
+    mono = to_mono_float(waveform)
     duration = mono.shape[0] / sample_rate
     if duration > max_seconds:
         raise MediaError(f"audio is {duration:.1f} s long; the limit is {max_seconds:g} s")

@@ -18,7 +18,7 @@ import numpy as np
 import soundfile
 from PIL import Image
 
-from engine.omni.audio import SAMPLE_RATE, audio_placeholder_text, audio_token_count, resample
+from engine.omni.audio import SAMPLE_RATE, audio_placeholder_text, audio_token_count, resample, to_mono_float
 from engine.omni.budget import fit_media
 from engine.omni.errors import MediaError
 from engine.omni.image import (
@@ -63,20 +63,13 @@ def decode_audio(data: AudioInput) -> np.ndarray:
         if not data:
             raise MediaError("audio is empty (0 bytes)")
         try:
-            samples, rate = soundfile.read(io.BytesIO(data), dtype="float32", always_2d=True)
+            frames, rate = soundfile.read(io.BytesIO(data), dtype="float32", always_2d=True)
         except (soundfile.LibsndfileError, RuntimeError, TypeError) as exc:
             raise MediaError(f"cannot decode audio: {exc}") from exc
-        samples = samples.mean(axis=1)
-    samples = np.asarray(samples)
-    if samples.ndim == 2:
-        samples = samples.mean(axis=int(np.argmin(samples.shape)))
-    if samples.ndim != 1 or samples.size == 0:
-        raise MediaError(f"audio must be a non-empty mono or stereo clip, got shape {samples.shape}")
+        samples = frames.mean(axis=1)  # any channel count
     if not isinstance(rate, (int, np.integer)) or rate <= 0:
         raise MediaError(f"invalid sample rate {rate!r}")
-    if not np.all(np.isfinite(samples)):
-        raise MediaError("audio contains NaN or infinite samples")
-    return resample(samples.astype(np.float32), int(rate))
+    return resample(to_mono_float(samples), int(rate))
 
 
 def downscale_to_slices(image: Image.Image, max_slices: int) -> Image.Image:
