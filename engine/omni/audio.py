@@ -60,12 +60,16 @@ def encoder_frames(mel_frames: int) -> int:
     return (mel_frames - 1) // 2 + 1
 
 
+def pooled_frames(encoder_frames: int) -> int:
+    """Audio embeddings a segment yields (bos/eos not counted): AvgPool1d(2, stride 2) over its frames."""
+    return (encoder_frames - 2) // 2 + 1
+
+
 def _segment_span(num_samples: int) -> tuple[int, int, int]:
     """(mel frames, frames after conv2, prompt tokens incl. bos/eos) for one <=30 s segment."""
     mel = num_samples // HOP_LENGTH
     after_cnn = encoder_frames(mel)
-    pooled = (after_cnn - 2) // 2 + 1  # AvgPool1d(2, stride 2)
-    return mel, after_cnn, pooled + 2
+    return mel, after_cnn, pooled_frames(after_cnn) + 2
 
 
 def segment_lengths(num_samples: int) -> list[int]:

@@ -27,15 +27,10 @@ from vllm.model_executor.models.utils import AutoWeightsLoader, WeightsMapper, m
 from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.sequence import IntermediateTensors
 
-from engine.omni.audio import encoder_frames
+from engine.omni.audio import encoder_frames, pooled_frames
 from engine.omni.config import MegrezOAudioConfig, MegrezOConfig
-from engine.omni.processing import (
-    AUDIO_PLACEHOLDER,
-    IMAGE_PLACEHOLDER,
-    MegrezODummyInputsBuilder,
-    MegrezOMultiModalProcessor,
-    MegrezOProcessingInfo,
-)
+from engine.omni.processing import MegrezODummyInputsBuilder, MegrezOMultiModalProcessor, MegrezOProcessingInfo
+from engine.protocol import MEDIA_PLACEHOLDERS
 
 if not torch.cuda.is_available():
     # vLLM's Resampler2_5 asks torch.cuda.is_current_stream_capturing(), which raises on CPU builds of
@@ -119,8 +114,8 @@ class MegrezOAudioEncoder(nn.Module):
         x = self.avg_pooler(x.transpose(1, 2)).transpose(1, 2)
         x = self.proj(self.ln_post(x))
         bos, eos = self.audio_bos_eos_token.weight[:1], self.audio_bos_eos_token.weight[1:]
-        # (after_cnn - 2) // 2 + 1 pooled frames per segment belong to its real length.
-        return [torch.cat([bos, x[i, : (n - 2) // 2 + 1], eos]) for i, n in enumerate(lengths)]
+        # Only the pooled frames of each segment's real length; padding frames are dropped.
+        return [torch.cat([bos, x[i, : pooled_frames(n)], eos]) for i, n in enumerate(lengths)]
 
 
 def _flat_list(value: object) -> list[torch.Tensor]:
@@ -147,10 +142,9 @@ class MegrezOForCausalLM(nn.Module, SupportsMultiModal, SupportsPP):
 
     @classmethod
     def get_placeholder_str(cls, modality: str, i: int) -> str | None:
-        if modality.startswith("image"):
-            return IMAGE_PLACEHOLDER
-        if modality.startswith("audio"):
-            return AUDIO_PLACEHOLDER
+        for kind, placeholder in MEDIA_PLACEHOLDERS.items():
+            if modality.startswith(kind):
+                return placeholder
         raise ValueError(f"MegrezO takes images and audio, not {modality}")
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:

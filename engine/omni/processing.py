@@ -34,9 +34,9 @@ from vllm.multimodal.processing.processor import (
 )
 
 from engine.omni.audio import (
-    AUDIO_PLACEHOLDER,
     MAX_AUDIO_SECONDS,
     SAMPLE_RATE,
+    SEGMENT_SAMPLES,
     audio_placeholder_text,
     preprocess_audio,
 )
@@ -44,7 +44,6 @@ from engine.omni.config import MegrezOConfig
 from engine.omni.errors import MediaError
 from engine.omni.image import (
     FILLER_TOKEN,
-    IMAGE_PLACEHOLDER,
     MAX_SLICE_NUMS,
     SCALE_RESOLUTION,
     grid_placeholder_text,
@@ -52,10 +51,9 @@ from engine.omni.image import (
     reshape_by_patch,
     sliced_grid,
 )
+from engine.protocol import MEDIA_PLACEHOLDERS
 
 __all__ = [
-    "AUDIO_PLACEHOLDER",
-    "IMAGE_PLACEHOLDER",
     "MegrezODummyInputsBuilder",
     "MegrezOMultiModalProcessor",
     "MegrezOProcessingInfo",
@@ -103,12 +101,9 @@ class MegrezOProcessingInfo(BaseProcessingInfo):
     def _piece_ids(self, grid: tuple[int, int] | None) -> tuple[int, ...]:
         return tuple(self.get_tokenizer().encode(grid_placeholder_text(grid), add_special_tokens=False))
 
-    def placeholder_text(self, modality: str) -> str:
-        return IMAGE_PLACEHOLDER if modality == "image" else AUDIO_PLACEHOLDER
-
     def placeholder_ids(self, modality: str) -> list[int]:
         """The placeholder's token ids as callers must insert them (encoded on its own, no merges)."""
-        return self.get_tokenizer().encode(self.placeholder_text(modality), add_special_tokens=False)
+        return self.get_tokenizer().encode(MEDIA_PLACEHOLDERS[modality], add_special_tokens=False)
 
     def image_prompt_ids(self, width: int, height: int) -> list[int]:
         """Token ids that replace one image's placeholder: markers plus 64 fillers per slice."""
@@ -124,10 +119,10 @@ class MegrezOProcessingInfo(BaseProcessingInfo):
 
     def max_audio_samples(self, seq_len: int) -> int:
         """The longest clip accepted, in 30 s segments that fit the context (at least one)."""
-        segments = int(MAX_AUDIO_SECONDS * SAMPLE_RATE) // (30 * SAMPLE_RATE)
-        while segments > 1 and len(self.audio_prompt_ids(segments * 30 * SAMPLE_RATE)) > seq_len:
+        segments = int(MAX_AUDIO_SECONDS * SAMPLE_RATE) // SEGMENT_SAMPLES
+        while segments > 1 and len(self.audio_prompt_ids(segments * SEGMENT_SAMPLES)) > seq_len:
             segments -= 1
-        return segments * 30 * SAMPLE_RATE
+        return segments * SEGMENT_SAMPLES
 
     def get_mm_max_tokens_per_item(self, seq_len: int, mm_counts: Mapping[str, int]) -> Mapping[str, int]:
         return {
@@ -138,7 +133,7 @@ class MegrezOProcessingInfo(BaseProcessingInfo):
 
 class MegrezODummyInputsBuilder(BaseDummyInputsBuilder[MegrezOProcessingInfo]):
     def get_dummy_text(self, mm_counts: Mapping[str, int]) -> str:
-        return IMAGE_PLACEHOLDER * mm_counts.get("image", 0) + AUDIO_PLACEHOLDER * mm_counts.get("audio", 0)
+        return "".join(text * mm_counts.get(kind, 0) for kind, text in MEDIA_PLACEHOLDERS.items())
 
     def get_dummy_mm_data(self, seq_len: int, mm_counts: Mapping[str, int], mm_options: Mapping[str, object]):
         return {
@@ -218,7 +213,7 @@ class MegrezOMultiModalProcessor(BaseMultiModalProcessor[MegrezOProcessingInfo])
             missing = sum(1 for m in matched if m is None)
             if missing:
                 raise MediaError(
-                    f"{missing} of {len(matched)} {modality} input(s) have no {self.info.placeholder_text(modality)} "
+                    f"{missing} of {len(matched)} {modality} input(s) have no {MEDIA_PLACEHOLDERS[modality]} "
                     "placeholder in the prompt; insert one per item, tokenized on its own"
                 )
         return new_ids, {m: p for m, p in placeholders.items() if p}

@@ -140,25 +140,28 @@ def prepare_omni_request(
         marker_tokens_per_audio_segment=audio_tokens(SAMPLE_RATE) - audio_token_count(SAMPLE_RATE),
     )
 
+    # Each placeholder text is tokenized once per item, and again only for an item that was changed.
     reports: list[MediaReport] = []
     for image_plan, picture in zip(plan.images, pictures, strict=True):
-        original = image_tokens(picture.size)
+        original = tokens = image_tokens(picture.size)
         note = None
         if image_plan.max_slice_nums < MAX_SLICE_NUMS:
             grid = sliced_grid(*picture.size, max_slice_nums=image_plan.max_slice_nums)
             smaller = downscale_to_slices(picture, 0 if grid is None else grid[0] * grid[1])
             if smaller.size != picture.size:
                 note = f"downscaled {picture.size[0]}x{picture.size[1]} -> {smaller.size[0]}x{smaller.size[1]}"
-                pictures[image_plan.index] = picture = smaller
-        reports.append(MediaReport("image", image_plan.index, image_tokens(picture.size), original, note))
+                pictures[image_plan.index] = smaller
+                tokens = image_tokens(smaller.size)
+        reports.append(MediaReport("image", image_plan.index, tokens, original, note))
     for audio_plan in plan.audios:
         clip = clips[audio_plan.index]
-        original = audio_tokens(len(clip))
+        original = tokens = audio_tokens(len(clip))
         note = None
         if audio_plan.num_samples < len(clip):
             note = f"cut from {len(clip) / SAMPLE_RATE:.1f} s to {audio_plan.num_samples / SAMPLE_RATE:.1f} s"
-            clips[audio_plan.index] = clip = clip[: audio_plan.num_samples]
-        reports.append(MediaReport("audio", audio_plan.index, audio_tokens(len(clip)), original, note))
+            clips[audio_plan.index] = clip[: audio_plan.num_samples]
+            tokens = audio_tokens(audio_plan.num_samples)
+        reports.append(MediaReport("audio", audio_plan.index, tokens, original, note))
 
     total = text_tokens + sum(r.tokens for r in reports)
     if total + reserve_tokens > max_model_len:
