@@ -170,8 +170,13 @@ class Engine(abc.ABC):
         """Stop a running request; its stream ends with ``finish_reason == "abort"``."""
 
     @abc.abstractmethod
+    async def tokenize(self, text: str) -> list[int]:
+        """Token ids of ``text`` as ``tokenizer.encode(text, add_special_tokens=False)`` gives them
+        (special-token strings in ``text`` become their ids: use it to look a special token up)."""
+
     async def count_tokens(self, text: str) -> int:
-        """Tokens in ``text``, as ``tokenizer.encode(text, add_special_tokens=False)`` counts them."""
+        """Tokens in ``text``, counted as :meth:`tokenize` does."""
+        return len(await self.tokenize(text))
 
     @abc.abstractmethod
     async def health(self) -> Health: ...

@@ -7,8 +7,8 @@ tokens stay ours. vLLM-only request fields used here: ``skip_special_tokens``, `
 
 Tokenizer: loaded locally from ``config.tokenizer`` / ``config.model`` when those files are on this
 machine (a folder, or a hub id already in the local cache; never downloaded). Without it,
-``tokenizer`` is ``None``, the default stop tokens go as stop *strings*, and :meth:`count_tokens`
-asks the server's ``/tokenize`` endpoint (one HTTP round trip per call).
+``tokenizer`` is ``None``, the default stop tokens go as stop *strings*, and :meth:`tokenize` (so
+:meth:`count_tokens`) asks the server's ``/tokenize`` endpoint (one HTTP round trip per call).
 """
 
 from __future__ import annotations
@@ -264,13 +264,13 @@ class OpenAIEngine(Engine):
             self._aborted.add(request_id)
             await response.aclose()
 
-    async def count_tokens(self, text: str) -> int:
+    async def tokenize(self, text: str) -> list[int]:
         if self._tokenizer is not None:
-            return len(self._tokenizer.encode(text, add_special_tokens=False))
+            return list(self._tokenizer.encode(text, add_special_tokens=False))
         result = await self._json(
             "POST", "/tokenize", json={"model": self._model, "prompt": text, "add_special_tokens": False}
         )
-        return int(result["count"])
+        return [int(t) for t in result["tokens"]]
 
     async def health(self) -> Health:
         try:

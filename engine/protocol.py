@@ -30,6 +30,7 @@ request's second call (after the observation) so the two calls always share thei
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -69,6 +70,8 @@ SPECIAL_TOKENS: Final = (
     "<|unk|>",
     "<|pad|>",
 )
+
+_SPECIAL_SPELLING_RE: Final = re.compile("|".join(re.escape(t) for t in sorted(SPECIAL_TOKENS, key=len, reverse=True)))
 
 Role = Literal["system", "user", "assistant", "observation"]
 MediaKind = Literal["image", "audio"]
@@ -212,18 +215,21 @@ def detect_language(text: str, default: str = DEFAULT_ANSWER_LANGUAGE) -> str:
     return _SCRIPT_LANGUAGE[best] if weights[best] > 0 else default
 
 
-def render_contexts(contexts: Sequence[str]) -> str:
-    """Contexts numbered from 1, each under its own ``[[citation:N]]`` line."""
-    return "\n".join(CONTEXT_TEMPLATE.format(number=i, text=text) for i, text in enumerate(contexts, start=1))
+def render_contexts(contexts: Sequence[str], *, start: int = 1) -> str:
+    """Contexts numbered from ``start``, each under its own ``[[citation:N]]`` line."""
+    return "\n".join(CONTEXT_TEMPLATE.format(number=i, text=text) for i, text in enumerate(contexts, start=start))
 
 
-def render_observation(question: str, keywords: str, contexts: Sequence[str], *, language: str | None = None) -> str:
-    """The observation message content. ``language`` overrides ``detect_language(question)``."""
+def render_observation(
+    question: str, keywords: str, contexts: Sequence[str], *, language: str | None = None, start: int = 1
+) -> str:
+    """The observation message content. ``language`` overrides ``detect_language(question)``; ``start``
+    is the first context number (a second search in the same turn continues after the first's)."""
     return OBSERVATION_TEMPLATE.format(
         language=language if language is not None else detect_language(question),
         question=question,
         keywords=keywords,
-        contexts=render_contexts(contexts),
+        contexts=render_contexts(contexts, start=start),
     )
 
 
@@ -256,12 +262,30 @@ def prompt_segments(
             yield Segment(FORCED_SEARCH_ARGS_PREFIX, False)
 
 
+def defang_special_tokens(text: str) -> str:
+    """``text`` with every special-token spelling broken by a word joiner (U+2060) after ``<``.
+
+    For prompts that must go to a server as *text*, which parses special tokens in it: a page or a
+    question that contains ``<|turn_end|>`` then stays characters (one invisible character more)
+    instead of ending the turn. Token-id prompts (:class:`PromptEncoder`) need none of this.
+    """
+    return _SPECIAL_SPELLING_RE.sub(lambda m: "<\u2060" + m.group()[1:], text) if "<" in text else text
+
+
 def render_prompt(
-    messages: Sequence[Message], *, add_generation_prompt: bool = True, force_search: bool = False
+    messages: Sequence[Message],
+    *,
+    add_generation_prompt: bool = True,
+    force_search: bool = False,
+    defang: bool = False,
 ) -> str:
-    """The prompt as a string (see the module docstring before sending it to a server as text)."""
+    """The prompt as a string (see the module docstring before sending it to a server as text).
+
+    ``defang``: pass every text segment (messages, model output, pages) through
+    :func:`defang_special_tokens`, so that only the template's own markers are special tokens.
+    """
     return "".join(
-        s.text
+        s.text if s.special or not defang else defang_special_tokens(s.text)
         for s in prompt_segments(messages, add_generation_prompt=add_generation_prompt, force_search=force_search)
     )
 

@@ -146,13 +146,14 @@ class VLLMEngine(Engine):
         request_id: str,
         multimodal: MultiModalData | None = None,
     ) -> AsyncIterator[Delta]:
+        from vllm.exceptions import VLLMClientError
         from vllm.v1.engine.exceptions import EngineDeadError
 
         llm = self.llm
         params = self.sampling_params(sampling)
         try:
             engine_input = await self._engine_input(prompt, multimodal)
-        except ValueError as exc:  # too long, out-of-vocabulary ids, bad multimodal data
+        except (ValueError, VLLMClientError) as exc:  # too long, out-of-vocabulary ids, bad multimodal data
             raise EngineError(f"invalid prompt: {exc}") from exc
         # aclosing: when our consumer stops early, vLLM's generator is closed right away, which aborts
         # the request in the engine (rather than whenever it is garbage-collected).
@@ -162,12 +163,14 @@ class VLLMEngine(Engine):
                     yield _delta(out.outputs[0], len(out.prompt_token_ids or ()), out.num_cached_tokens)
         except EngineDeadError as exc:
             raise EngineUnavailable(f"the vLLM engine died: {exc}") from exc
+        except VLLMClientError as exc:  # validation in the engine: prompt plus max_tokens too long, …
+            raise EngineError(f"invalid request: {exc}") from exc
 
     async def abort(self, request_id: str) -> None:
         await self.llm.abort(request_id)
 
-    async def count_tokens(self, text: str) -> int:
-        return len(self.tokenizer.encode(text, add_special_tokens=False))
+    async def tokenize(self, text: str) -> list[int]:
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
 
     async def health(self) -> Health:
         from vllm.v1.engine.exceptions import EngineDeadError

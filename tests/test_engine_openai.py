@@ -159,12 +159,15 @@ async def test_model_gone_after_start_is_reported_with_the_served_models(remote:
         await collect(remote, PROMPT, Sampling(max_tokens=2))
 
 
-async def test_served_model_is_picked_when_none_is_configured(server_url: str) -> None:
+async def test_served_model_is_picked_when_none_is_configured(server_url: str, tiny_engine) -> None:
+    tiny_model_vocab = tiny_engine.tokenizer.get_vocab()
     async with OpenAIEngine(remote_config(server_url, openai_model=None)) as engine:
         assert engine.model == SERVED
         # No local tokenizer at /nonexistent: counting goes through the server's /tokenize.
         assert engine.tokenizer is None
         assert await engine.count_tokens("The weather today") > 0
+        # Special tokens are looked up by text through the server too (the agent bans one by id).
+        assert await engine.tokenize("<|function_start|>") == [tiny_model_vocab["<|function_start|>"]]
         assert (await engine.health()).ok
 
 

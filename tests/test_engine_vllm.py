@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.base import STOP_TOKENS, Delta, Engine, Sampling
+from engine.base import STOP_TOKENS, Delta, Engine, EngineError, Sampling
 from engine.factory import build_engine
 from engine.parser import FunctionCallEvent, parse_forced_call
 from engine.protocol import FORCED_SEARCH_REGEX, FUNCTION_END, Message, PromptEncoder
@@ -48,6 +48,14 @@ async def test_deltas_concatenate_to_the_completion(tiny_engine: VLLMEngine) -> 
     assert "".join(d.text for d in deltas) == tiny_engine.tokenizer.decode(ids, skip_special_tokens=False)
     assert all(d.logprobs is not None and len(d.logprobs) == len(d.token_ids) for d in deltas)
     assert deltas[0].prompt_tokens == await tiny_engine.count_tokens(PROMPT)
+
+
+async def test_a_prompt_past_the_context_is_an_engine_error(tiny_engine: VLLMEngine) -> None:
+    ids = tiny_engine.tokenizer.encode(PROMPT, add_special_tokens=False)
+    too_long = ids * (tiny_engine.max_model_len // len(ids) + 1)
+    with pytest.raises(EngineError, match="maximum context length"):
+        await collect(tiny_engine, too_long, Sampling(max_tokens=8))
+    assert (await collect(tiny_engine, ids, Sampling(max_tokens=2)))[-1].finished  # still serving
 
 
 async def test_token_id_prompt_equals_text_prompt(tiny_engine: VLLMEngine) -> None:
