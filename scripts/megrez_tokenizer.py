@@ -1,4 +1,4 @@
-"""A tiny, offline stand-in for the Megrez tokenizer (test helper).
+"""A tiny, offline stand-in for the Megrez tokenizer (for tests and benchmarks; never the product).
 
 The real Megrez-3B tokenizer is a ~120k-entry download; the tests only need something with the
 same *shape*: byte-level BPE (so any text is encodable and decodes back exactly), the Megrez special

@@ -24,7 +24,7 @@ import pytest
 import pytest_asyncio
 
 from engine.config import EngineConfig
-from tests.megrez_tokenizer import MEGREZ_SPECIAL_TOKENS, build_megrez_tokenizer
+from scripts.megrez_tokenizer import MEGREZ_SPECIAL_TOKENS, build_megrez_tokenizer
 from tests.net import free_port
 
 if TYPE_CHECKING:

@@ -27,7 +27,7 @@ from transformers.models.whisper.modeling_whisper import WhisperEncoderLayer
 from engine.omni.audio import AudioInputs, encoder_frames
 from engine.omni.config import MegrezOConfig
 from engine.omni.image import ImageInputs
-from tests.megrez_tokenizer import build_megrez_tokenizer
+from scripts.megrez_tokenizer import build_megrez_tokenizer
 
 SEED = 4321
 
