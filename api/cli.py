@@ -1,4 +1,4 @@
-"""The ``megrez-search`` command: search, extract and select from the shell (and for benchmarks)."""
+"""The ``megrez-search`` command: ask, search, extract, select and support from the shell (and for benchmarks)."""
 
 from __future__ import annotations
 
@@ -11,12 +11,17 @@ from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 
+from retrieval.events import PageEvent, RetrievalEvent, SearchEvent
 from retrieval.search.factory import BACKEND_NAMES
 from retrieval.types import Page
 
 
 class UsageError(Exception):
     """Bad input from the user: printed as one line, exit status 2."""
+
+
+class CommandFailed(Exception):
+    """The command could not do its job (engine down, engine error): printed as one line, exit status 1."""
 
 
 def _emit(obj: dict) -> None:
@@ -34,14 +39,14 @@ async def cmd_search(args: argparse.Namespace) -> None:
     except ValueError as exc:
         raise UsageError(str(exc)) from None
 
-    def progress(kind: str, payload: dict) -> None:
-        if kind == "search":
-            for failure in payload["failures"]:
-                print(f"· {failure['backend']}: {failure['reason']}", file=sys.stderr)
-            print(f"· {payload['results']} results from {payload['backend'] or 'no backend'}", file=sys.stderr)
-        elif kind == "page":
-            note = f" ({payload['error']})" if payload["error"] else ""
-            print(f"· {payload['source']}: {payload['url']}{note}", file=sys.stderr)
+    def progress(event: RetrievalEvent) -> None:
+        if isinstance(event, SearchEvent):
+            for failure in event.failures:
+                print(f"· {failure.backend}: {failure.reason}", file=sys.stderr)
+            print(f"· {len(event.results)} results from {event.backend or 'no backend'}", file=sys.stderr)
+        elif isinstance(event, PageEvent):
+            note = f" ({event.error})" if event.error else ""
+            print(f"· {event.source}: {event.url}{note}", file=sys.stderr)
 
     async with retriever:
         found = await retriever.retrieve(
@@ -111,7 +116,11 @@ def _read_questions(lines: Iterator[str]) -> Iterator[tuple[int, dict]]:
         if not (isinstance(row, dict) and isinstance(row.get("question"), str) and isinstance(row.get("pages"), list)):
             raise UsageError(f'line {lineno}: expected {{"id", "question", "pages": [{{"url", "title", "text"}}]}}')
         for page in row["pages"]:
-            if not isinstance(page, dict) or not isinstance(page.get("url"), str) or not isinstance(page.get("text"), str):
+            if (
+                not isinstance(page, dict)
+                or not isinstance(page.get("url"), str)
+                or not isinstance(page.get("text"), str)
+            ):
                 raise UsageError(f'line {lineno}: each page needs "url" and "text" strings')
         yield lineno, row
 
@@ -126,6 +135,112 @@ def cmd_select(args: argparse.Namespace) -> None:
         ]
         passages = select_passages(row["question"], pages, budget_tokens=args.budget, query=row.get("query"))
         _emit({"id": row.get("id"), "passages": [{"url": p.url, "text": p.text} for p in passages]})
+
+
+async def cmd_ask(args: argparse.Namespace) -> None:
+    from agent import Agent
+    from agent.events import AnswerEvent, ErrorEvent, PreambleEvent, QueryEvent, SourcesEvent, StatusEvent, TokenEvent
+    from agent.state import MediaItem
+    from api.settings import Settings
+    from engine.base import EngineError
+    from engine.factory import build_engine
+    from retrieval.events import PageEvent
+    from retrieval.pipeline import Retriever
+
+    media = [MediaItem("image", _read_file(path, "--image")) for path in args.image or ()]
+    media += [MediaItem("audio", _read_file(path, "--audio")) for path in args.audio or ()]
+    settings = Settings()
+    try:
+        retriever = Retriever.from_config(
+            settings.search, settings.fetch, settings.select, redis_url=settings.redis_url
+        )
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+    def note(line: str) -> None:
+        if not args.json:
+            print(f"· {line}", file=sys.stderr, flush=True)
+
+    error: ErrorEvent | None = None
+    answer = None
+    engine = build_engine(settings.engine)
+    try:
+        await engine.start()
+    except (EngineError, OSError, RuntimeError, ValueError) as exc:  # no weights, no hub access, no server
+        await retriever.aclose()
+        raise CommandFailed(
+            f"the model engine ({settings.engine.backend}, {settings.engine.model}) did not start: {exc}"
+        ) from None
+    async with engine, retriever:
+        turn = Agent(engine, retriever, config=settings.agent).run(
+            args.question, media=media, mode=args.websearch, language=args.language
+        )
+        async for event in turn:
+            if isinstance(event, TokenEvent) and not args.json:
+                sys.stdout.write(event.text)
+                sys.stdout.flush()
+            elif isinstance(event, PreambleEvent) and not args.json:
+                sys.stdout.write("\n")
+                note("(the text above was said before searching)")
+            elif isinstance(event, StatusEvent):
+                note(event.message)
+            elif isinstance(event, QueryEvent):
+                note(f"query: {event.query}")
+            elif isinstance(event, SourcesEvent):
+                for failure in event.failures:
+                    note(f"{failure.backend}: {failure.reason}")
+                for source in event.sources:
+                    note(f"[{source.n}] {source.title} — {source.domain}")
+            elif isinstance(event, PageEvent):
+                note(f"{event.source}: {event.url}" + (f" ({event.error})" if event.error else ""))
+            elif isinstance(event, AnswerEvent):
+                answer = event.answer
+            elif isinstance(event, ErrorEvent):
+                error = event
+    if error is not None:
+        message = f"{error.code}: {error.message}"
+        raise (
+            UsageError(message)
+            if error.code in ("invalid_request", "too_long", "invalid_media")
+            else CommandFailed(message)
+        )
+    assert answer is not None
+    if args.json:
+        sys.stdout.write(answer.model_dump_json() + "\n")
+        return
+    print()
+    for citation in answer.citations:
+        mark = "" if citation.supported is not False else f"  (weakly supported: {citation.score:.2f})"
+        print(f"[{citation.n}] {citation.title} — {citation.url}{mark}")
+    for question in answer.related:
+        print(f"→ {question}")
+    for line in answer.notes:
+        note(line)
+
+
+def _read_file(path: str, option: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise UsageError(f"{option} {path}: {exc.strerror or exc}") from None
+
+
+def cmd_support(args: argparse.Namespace) -> None:
+    from agent.support import SupportChecker
+
+    checker = SupportChecker() if args.threshold is None else SupportChecker(args.threshold)
+    for lineno, line in enumerate(sys.stdin, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise UsageError(f"line {lineno}: not JSON ({exc.msg})") from None
+        if not (isinstance(row, dict) and isinstance(row.get("claim"), str) and isinstance(row.get("passage"), str)):
+            raise UsageError(f'line {lineno}: expected {{"id", "claim", "passage"}} with string claim and passage')
+        question = row.get("question") if isinstance(row.get("question"), str) else None
+        result = checker.check(row["claim"], [row["passage"]], question=question)
+        _emit({"id": row.get("id"), "score": round(result.score, 4), "supported": result.supported})
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -149,6 +264,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print title, date, language and text as JSON")
     p.set_defaults(func=cmd_extract)
 
+    p = sub.add_parser("ask", help="answer a question: search when needed, stream a cited answer")
+    p.add_argument("question")
+    p.add_argument("--websearch", choices=("off", "auto", "always"), help="search mode (default: settings, auto)")
+    p.add_argument("--image", action="append", metavar="PATH", help="an image for the Omni model (repeat)")
+    p.add_argument("--audio", action="append", metavar="PATH", help="a speech clip for the Omni model (repeat)")
+    p.add_argument("--language", help="answer language, e.g. zh, en (default: the question's)")
+    p.add_argument("--json", action="store_true", help="print the structured answer as one JSON object")
+    p.set_defaults(func=cmd_ask)
+
+    p = sub.add_parser("support", help="score claim/passage pairs with the citation support check (JSONL in/out)")
+    p.add_argument("--threshold", type=float, help="score below which a claim is unsupported (default: calibrated)")
+    p.set_defaults(func=cmd_support)
+
     p = sub.add_parser("select", help="pack the best passages of given pages into a token budget (JSONL in/out)")
     p.add_argument("--budget", type=int, default=3000, help="tokens of context per question")
     p.set_defaults(func=cmd_select)
@@ -164,6 +292,9 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as exc:
         print(f"megrez-search {args.command}: {exc}", file=sys.stderr)
         return 2
+    except CommandFailed as exc:
+        print(f"megrez-search {args.command}: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
     return 0

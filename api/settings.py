@@ -8,14 +8,13 @@ from __future__ import annotations
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from agent.config import AgentConfig
 from engine.config import EngineConfig
 from retrieval.config import FetchConfig, SearchConfig, SelectConfig
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(
-        env_prefix="MEGREZ_", env_nested_delimiter="__", env_file=".env", extra="ignore"
-    )
+    model_config = SettingsConfigDict(env_prefix="MEGREZ_", env_nested_delimiter="__", env_file=".env", extra="ignore")
 
     redis_url: str | None = Field(
         default=None, description="Redis for caches and memory, e.g. redis://localhost:6379/0; unset = in-process."
@@ -24,3 +23,4 @@ class Settings(BaseSettings):
     fetch: FetchConfig = FetchConfig()
     select: SelectConfig = SelectConfig()
     engine: EngineConfig = EngineConfig()
+    agent: AgentConfig = AgentConfig()

@@ -330,3 +330,20 @@ def select_passages(
     for p in packed:
         page_order.setdefault(p.url, len(page_order))
     return sorted(packed, key=lambda p: (page_order[p.url], p.meta["chunk"]))
+
+
+def page_contexts(passages: list[Passage]) -> list[tuple[str, str, str]]:
+    """``(url, title, text)`` per page, in prompt order, for passages from :func:`select_passages`.
+
+    A page gets one context (so one citation number): its passages in reading order, separated by
+    a blank line, with the title line that :func:`chunk` puts on each passage kept only once.
+    """
+    grouped: dict[str, list[Passage]] = {}
+    for p in passages:
+        grouped.setdefault(p.url, []).append(p)
+    contexts = []
+    for url, group in grouped.items():
+        head = f"{group[0].title}\n" if group[0].title else ""
+        bodies = [p.text.removeprefix(head) if head and i else p.text for i, p in enumerate(group)]
+        contexts.append((url, group[0].title, "\n\n".join(bodies)))
+    return contexts

@@ -1,8 +1,9 @@
 """Question in, cited context out: search, fetch (or read the local corpus), extract, select.
 
-Progress goes to an optional ``on_event(kind, payload)`` callback so the service can stream
-what is happening: ``search`` (which backend answered, which were passed over and why),
-``page`` (each page as it is read or falls back to its snippet) and ``selected``.
+Progress goes to an optional ``on_event(event)`` callback (sync or async) with the typed events of
+``retrieval.events``, so the CLI, the agent and the service show the same thing: ``SearchEvent``
+(which backend answered with which results, which were passed over and why), ``PageEvent`` (each
+page as it is read or falls back to its snippet) and ``SelectedEvent``.
 """
 
 from __future__ import annotations
@@ -10,10 +11,10 @@ from __future__ import annotations
 import inspect
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 from retrieval.cache import make_cache
 from retrieval.config import FetchConfig, SearchConfig, SelectConfig
+from retrieval.events import PageEvent, RetrievalEvent, SearchEvent, SearchFailure, SelectedEvent
 from retrieval.fetch import Fetcher
 from retrieval.passages import select_passages
 from retrieval.search.chain import SearchChain, SearchOutcome
@@ -21,7 +22,7 @@ from retrieval.search.factory import build_search
 from retrieval.tokenize import estimate_tokens
 from retrieval.types import Page, Passage, SearchResult
 
-OnEvent = Callable[[str, dict[str, Any]], Awaitable[None] | None]
+OnEvent = Callable[[RetrievalEvent], Awaitable[None] | None]
 
 
 @dataclass(slots=True)
@@ -74,27 +75,26 @@ class Retriever:
         passages are ranked against both."""
         query = query or question
 
-        async def emit(kind: str, payload: dict[str, Any]) -> None:
-            if on_event is not None and inspect.isawaitable(ret := on_event(kind, payload)):
+        async def emit(event: RetrievalEvent) -> None:
+            if on_event is not None and inspect.isawaitable(ret := on_event(event)):
                 await ret
 
         outcome = await self.search.search(query, k=k, language=language, time_range=time_range)
         await emit(
-            "search",
-            {
-                "query": query,
-                "backend": outcome.backend,
-                "results": len(outcome.results),
-                "cached": outcome.cached,
-                "failures": [{"backend": b, "reason": r} for b, r in outcome.failures],
-            },
+            SearchEvent(
+                query=query,
+                backend=outcome.backend,
+                results=outcome.results,
+                cached=outcome.cached,
+                failures=[SearchFailure(backend=b, reason=r) for b, r in outcome.failures],
+            )
         )
         found = Retrieval(question=question, query=query, outcome=outcome)
         if not outcome.results:
             return found
 
         async def on_page(page: Page) -> None:
-            await emit("page", {"url": page.url, "title": page.title, "source": page.source, "error": page.error})
+            await emit(PageEvent(url=page.url, title=page.title, source=page.source, error=page.error))
 
         found.pages = await self._read(outcome.results, fetch=fetch, on_page=on_page)
         found.passages = select_passages(
@@ -106,12 +106,11 @@ class Retriever:
             passage_tokens=self.select.passage_tokens,
         )
         await emit(
-            "selected",
-            {
-                "passages": len(found.passages),
-                "pages": len({p.url for p in found.passages}),
-                "tokens": sum(p.tokens for p in found.passages),
-            },
+            SelectedEvent(
+                passages=len(found.passages),
+                pages=len({p.url for p in found.passages}),
+                tokens=sum(p.tokens for p in found.passages),
+            )
         )
         return found
 
@@ -125,13 +124,23 @@ class Retriever:
             doc = self.search.document(result)
             if doc is not None:
                 pages[i] = Page(
-                    url=result.url, title=doc["title"] or result.title, text=doc["text"], rank=result.rank,
+                    url=result.url,
+                    title=doc["title"] or result.title,
+                    text=doc["text"],
+                    rank=result.rank,
                     date=doc.get("published") or result.published,
                 )
                 await on_page(pages[i])
             elif not fetch:
-                pages[i] = Page(url=result.url, title=result.title, text=result.snippet, source="snippet",
-                                rank=result.rank, date=result.published, error="not fetched")
+                pages[i] = Page(
+                    url=result.url,
+                    title=result.title,
+                    text=result.snippet,
+                    source="snippet",
+                    rank=result.rank,
+                    date=result.published,
+                    error="not fetched",
+                )
             else:
                 to_fetch.append(result)
         if to_fetch:

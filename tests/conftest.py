@@ -11,8 +11,8 @@ import pytest
 
 from tests.net import free_port
 
-# The session's one embedded vLLM engine (tiny_engine) and tiny checkpoints.
-pytest_plugins = ["tests.tiny_models"]
+# The session's one embedded vLLM engine (tiny_engine) and tiny checkpoints; the agent tests' corpus and tokenizer.
+pytest_plugins = ["tests.tiny_models", "tests.agent_fixtures"]
 
 
 @pytest.fixture(scope="session")

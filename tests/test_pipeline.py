@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
 
 from retrieval.config import SelectConfig
+from retrieval.events import RetrievalEvent
 from retrieval.fetch import Fetcher
 from retrieval.pipeline import Retriever
 from retrieval.search.chain import SearchChain
@@ -54,19 +56,20 @@ def result(url: str, rank: int, snippet: str = "snippet text") -> SearchResult:
 
 async def test_hotpot_question_fetched_from_fixture_web_holds_the_answer(fixture_web, fixture_search):
     question = next(q for q in hotpot_questions("dev") if q.answer == "Tulsa")
-    events: list[tuple[str, dict]] = []
+    events: list[RetrievalEvent] = []
     async with retriever(WebSearch(fixture_search), fixture_web) as r:
-        found = await r.retrieve(question.question, k=10, budget_tokens=1000, on_event=lambda *e: events.append(e))
+        found = await r.retrieve(question.question, k=10, budget_tokens=1000, on_event=events.append)
     assert found.outcome.backend == "web"
     assert all(p.source == "page" for p in found.pages), [p.error for p in found.pages]
     context = " ".join(p.text for p in found.passages)
     assert "Tulsa" in context
     assert sum(p.tokens for p in found.passages) <= 1000
     assert {p.url for p in found.passages} <= {p.url for p in found.pages}
-    kinds = [kind for kind, _ in events]
+    kinds = [event.type for event in events]
     assert kinds[0] == "search" and kinds[-1] == "selected"
     assert kinds.count("page") == len(found.pages)
-    assert events[0][1]["results"] == len(found.outcome.results)
+    assert events[0].results == found.outcome.results
+    assert json.loads(events[0].model_dump_json())["results"][0]["url"] == found.outcome.results[0].url
 
 
 async def test_local_corpus_hits_are_read_from_the_index_not_fetched(fixture_web, fixture_search):

@@ -1,0 +1,127 @@
+"""What a turn's nodes depend on, handed in through LangGraph's runtime context (no globals).
+
+:class:`TurnContext` carries the engine, the retriever, the support checker, the agent config and
+the prompt codec for one turn. :class:`PromptCodec` is the one place that turns messages into what
+the engine takes and counts their tokens:
+
+* with the engine's tokenizer (embedded vLLM, or a remote server whose tokenizer is on this
+  machine): token ids from :class:`engine.protocol.PromptEncoder`, so page and user text can never
+  become special tokens; tokens are counted on those ids, exactly;
+* without it (a remote server and no local tokenizer): the prompt goes as text with every special
+  token spelling in the text defanged (:func:`engine.protocol.defang_special_tokens`), and tokens are
+  counted by the server (``/tokenize``), one round trip per message, cached for the turn.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from agent.config import AgentConfig
+from agent.support import SupportChecker
+from engine.base import Engine, Prompt
+from engine.protocol import FUNCTION_END, FUNCTION_START, Message, PromptEncoder, render_prompt
+from retrieval.pipeline import Retriever
+from retrieval.tokenize import estimate_tokens
+
+_COUNT_CACHE_SIZE = 4096
+
+
+class PromptCodec:
+    """Messages → engine prompt (token ids or defanged text), and their token counts.
+
+    Example::
+
+        codec = await PromptCodec.for_engine(engine)
+        prompt = codec.prompt([Message("system", "…"), Message("user", "Hi")])
+        n = await codec.count([Message("user", "Hi")])
+    """
+
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        function_start_id: int | None,
+        function_end_id: int | None,
+        generation_prompt_tokens: int,
+    ) -> None:
+        self.engine = engine
+        tokenizer = engine.tokenizer
+        self.encoder = PromptEncoder(tokenizer) if tokenizer is not None else None  # type: ignore[arg-type]
+        self.function_start_id = function_start_id
+        self.function_end_id = function_end_id
+        self.generation_prompt_tokens = generation_prompt_tokens  # <|role_start|>assistant<|role_end|>
+        self._counts: dict[Message, int] = {}
+
+    @classmethod
+    async def for_engine(cls, engine: Engine) -> PromptCodec:
+        """Look up the function-call token ids and the generation prompt's size (through the server when
+        there is no local tokenizer)."""
+
+        async def single_id(token: str) -> int | None:
+            ids = await engine.tokenize(token)
+            return ids[0] if len(ids) == 1 else None
+
+        return cls(
+            engine,
+            function_start_id=await single_id(FUNCTION_START),
+            function_end_id=await single_id(FUNCTION_END),
+            generation_prompt_tokens=len(await engine.tokenize(render_prompt([]))),
+        )
+
+    def prompt(self, messages: Sequence[Message], *, force_search: bool = False) -> Prompt:
+        """The prompt for ``messages`` with the generation prompt (prefilled with a call when forced)."""
+        if self.encoder is not None:
+            return self.encoder.encode(messages, force_search=force_search)
+        return render_prompt(messages, force_search=force_search, defang=True)
+
+    async def count_message(self, message: Message) -> int:
+        """Tokens of one rendered message (role markers included); cached per message value."""
+        if message not in self._counts:
+            if len(self._counts) >= _COUNT_CACHE_SIZE:  # one codec serves many turns: keep the cache bounded
+                self._counts.clear()
+            if self.encoder is not None:
+                n = len(self.encoder.encode([message], add_generation_prompt=False))
+            else:
+                n = await self.engine.count_tokens(render_prompt([message], add_generation_prompt=False, defang=True))
+            self._counts[message] = n
+        return self._counts[message]
+
+    async def count(self, messages: Sequence[Message], *, add_generation_prompt: bool = False) -> int:
+        """Tokens of ``messages`` rendered together (the sum of the messages: segments encode apart)."""
+        total = 0
+        for message in messages:
+            total += await self.count_message(message)
+        return total + (self.generation_prompt_tokens if add_generation_prompt else 0)
+
+    def count_text(self) -> Callable[[str], int]:
+        """A synchronous counter for passage packing: the tokenizer's, else the estimate (errs high)."""
+        if self.encoder is not None:
+            encode = self.encoder.encode_text
+            return lambda text: len(encode(text))
+        return estimate_tokens
+
+
+@dataclass(slots=True)
+class TurnContext:
+    """Run-scoped dependencies of one turn (LangGraph ``context=``)."""
+
+    engine: Engine
+    retriever: Retriever
+    codec: PromptCodec
+    config: AgentConfig
+    support: SupportChecker
+    request_id: str  # prefix of this turn's engine request ids
+    clock: Callable[[], datetime] = datetime.now
+    started: float = field(default_factory=time.monotonic)  # when the turn began
+    _requests: int = field(default=0, init=False)
+
+    def next_request_id(self, purpose: str) -> str:
+        self._requests += 1
+        return f"{self.request_id}-{self._requests}-{purpose}"
+
+    def elapsed_ms(self, since: float | None = None) -> float:
+        """Milliseconds since ``since`` (a ``time.monotonic()`` reading), by default since the turn began."""
+        return round((time.monotonic() - (self.started if since is None else since)) * 1000, 1)

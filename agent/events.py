@@ -1,0 +1,193 @@
+"""The agent's events and its structured answer: the protocol every front end speaks.
+
+A turn (:func:`agent.run_turn`) yields these, in this order: ``status`` lines throughout; per search
+round ``query`` (the query the model wrote), ``sources`` (the numbered results, as soon as the
+search returns, before any page is read), one ``page`` per result as it is read or falls back to
+its snippet; then the answer: ``token`` events (text with citations already resolved to ``[n]``),
+a ``citation`` event the first time each source is cited, ``preamble`` if the text streamed so far
+turned out to be the model's words before a tool call (the UI moves it out of the answer); at the
+end ``related`` (follow-up questions) and exactly one ``answer`` carrying :class:`Answer`. A turn
+that cannot be answered ends with one ``error`` instead.
+
+Every event is a pydantic model with a ``type`` literal, so :data:`Event` is a discriminated union:
+``EVENT_ADAPTER.validate_json(...)`` reads any of them back, ``event.model_dump_json()`` writes it.
+The SSE stream of the API is exactly these (``event:`` = ``type``, ``data:`` = the JSON), and the
+CLI prints them. :class:`retrieval.events.PageEvent` is reused as is: retrieval and agent share it.
+
+Numbering: sources are numbered from 1 in the order search results arrive, across the rounds of a
+turn (a URL found again keeps its number). The model sees consecutive context numbers
+``[[citation:c]]``; ``Answer.answer`` cites the *source* numbers ``[n]`` shown in ``sources``.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, Field, TypeAdapter
+
+from agent.config import SearchMode
+from retrieval.events import PageEvent, SearchFailure
+
+StatusStage = Literal["prepare", "thinking", "searching", "reading", "answering", "checking", "related"]
+ErrorCode = Literal[
+    "invalid_request",  # empty question, bad option
+    "too_long",  # the question (with its media) cannot fit the model's context
+    "invalid_media",  # an image or audio clip that cannot be decoded or used
+    "engine_unavailable",  # the engine is not running or cannot be reached
+    "engine_error",  # the engine failed this request
+    "internal",  # a bug: logged with its traceback
+]
+
+
+class Source(BaseModel):
+    """A search result shown to the user; ``n`` is the number citations use."""
+
+    n: int
+    url: str
+    title: str
+    domain: str
+    snippet: str
+    round: int = 1  # the search round that found it
+
+
+class CitationRef(BaseModel):
+    """A source the answer cites, with the text the model saw and the support check's verdict."""
+
+    n: int
+    url: str
+    title: str
+    passage: str  # the context the model was given for this source
+    supported: bool | None = None  # None: no sentence could be checked (e.g. the marker stood alone)
+    score: float | None = None  # the lowest support score among the sentences citing it
+
+
+class Usage(BaseModel):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+
+
+class Timings(BaseModel):
+    """Milliseconds since the turn started (``first_token_ms``) or spent in a stage (the others)."""
+
+    search_ms: float | None = None
+    read_ms: float | None = None
+    first_token_ms: float | None = None
+    total_ms: float = 0.0
+
+
+class Answer(BaseModel):
+    """The structured answer of one turn."""
+
+    answer: str  # markdown; citation markers normalised to [n]
+    citations: list[CitationRef] = []  # in first-citation order
+    sources: list[Source] = []
+    queries: list[str] = []
+    searched: bool = False
+    rounds: int = 0  # searches run
+    mode: SearchMode = "auto"
+    language: str = "English"
+    related: list[str] = []
+    usage: Usage = Usage()
+    timings: Timings = Timings()
+    notes: list[str] = []  # what went wrong on the way, e.g. "all pages failed: answered from snippets"
+
+
+class StatusEvent(BaseModel):
+    type: Literal["status"] = "status"
+    stage: StatusStage
+    message: str
+
+
+class QueryEvent(BaseModel):
+    type: Literal["query"] = "query"
+    query: str
+    round: int
+
+
+class SourcesEvent(BaseModel):
+    """The results of one search round (``sources`` are this round's new ones; numbering continues)."""
+
+    type: Literal["sources"] = "sources"
+    round: int
+    sources: list[Source]
+    backend: str | None = None
+    failures: list[SearchFailure] = []
+
+
+class TokenEvent(BaseModel):
+    type: Literal["token"] = "token"
+    text: str
+
+
+class PreambleEvent(BaseModel):
+    """The text streamed since the last ``preamble`` (or the start) was said before a tool call."""
+
+    type: Literal["preamble"] = "preamble"
+    text: str
+
+
+class CitationEvent(BaseModel):
+    """A source is cited for the first time."""
+
+    type: Literal["citation"] = "citation"
+    n: int
+    url: str
+    title: str
+
+
+class RelatedEvent(BaseModel):
+    type: Literal["related"] = "related"
+    questions: list[str]
+
+
+class AnswerEvent(BaseModel):
+    type: Literal["answer"] = "answer"
+    answer: Answer
+
+
+class ErrorEvent(BaseModel):
+    type: Literal["error"] = "error"
+    code: ErrorCode
+    message: str
+
+
+Event = Annotated[
+    StatusEvent
+    | QueryEvent
+    | SourcesEvent
+    | PageEvent
+    | TokenEvent
+    | PreambleEvent
+    | CitationEvent
+    | RelatedEvent
+    | AnswerEvent
+    | ErrorEvent,
+    Field(discriminator="type"),
+]
+EVENT_ADAPTER: TypeAdapter[Event] = TypeAdapter(Event)
+
+
+class TranscriptMessage(BaseModel):
+    """One message of a turn as the model saw or wrote it (``function_call``: the raw call body)."""
+
+    role: Literal["user", "assistant", "observation"]
+    content: str
+    function_call: str | None = None
+
+
+class MediaRef(BaseModel):
+    """An image or audio clip of the user message, by content hash (the service stores the bytes)."""
+
+    kind: Literal["image", "audio"]
+    sha256: str
+    bytes: int
+
+
+class TurnRecord(BaseModel):
+    """What memory keeps of a turn, and what later turns rebuild their history from."""
+
+    question: str
+    media: list[MediaRef] = []
+    transcript: list[TranscriptMessage] = []  # this turn's assistant and observation messages, in order
+    answer: Answer
