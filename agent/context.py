@@ -14,6 +14,7 @@ the engine takes and counts their tokens:
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -26,7 +27,7 @@ from engine.protocol import FUNCTION_END, FUNCTION_START, Message, PromptEncoder
 from retrieval.pipeline import Retriever
 from retrieval.tokenize import estimate_tokens
 
-_COUNT_CACHE_SIZE = 4096
+_CACHE_SIZE = 4096
 
 
 class PromptCodec:
@@ -53,7 +54,9 @@ class PromptCodec:
         self.function_start_id = function_start_id
         self.function_end_id = function_end_id
         self.generation_prompt_tokens = generation_prompt_tokens  # <|role_start|>assistant<|role_end|>
-        self._counts: dict[Message, int] = {}
+        self._counts: dict[Message, int] = {}  # remote servers count for us
+        self._ids: dict[Message, list[int]] = {}
+        self._count_text: Callable[[str], int] | None = None
 
     @classmethod
     async def for_engine(cls, engine: Engine) -> PromptCodec:
@@ -73,20 +76,34 @@ class PromptCodec:
 
     def prompt(self, messages: Sequence[Message], *, force_search: bool = False) -> Prompt:
         """The prompt for ``messages`` with the generation prompt (prefilled with a call when forced)."""
-        if self.encoder is not None:
-            return self.encoder.encode(messages, force_search=force_search)
-        return render_prompt(messages, force_search=force_search, defang=True)
+        if self.encoder is None:
+            return render_prompt(messages, force_search=force_search, defang=True)
+        # Messages encode independently (every segment is encoded on its own), so the prompt is the
+        # join of cached per-message ids: each generation of a turn encodes only its new messages.
+        ids: list[int] = []
+        for message in messages:
+            ids += self._message_ids(message)
+        return ids + self.encoder.encode([], force_search=force_search)
+
+    def _message_ids(self, message: Message) -> list[int]:
+        assert self.encoder is not None
+        ids = self._ids.get(message)
+        if ids is None:
+            if len(self._ids) >= _CACHE_SIZE:  # one codec serves many turns: keep the cache bounded
+                self._ids.clear()
+            ids = self._ids[message] = self.encoder.encode([message], add_generation_prompt=False)
+        return ids
 
     async def count_message(self, message: Message) -> int:
         """Tokens of one rendered message (role markers included); cached per message value."""
+        if self.encoder is not None:
+            return len(self._message_ids(message))
         if message not in self._counts:
-            if len(self._counts) >= _COUNT_CACHE_SIZE:  # one codec serves many turns: keep the cache bounded
+            if len(self._counts) >= _CACHE_SIZE:
                 self._counts.clear()
-            if self.encoder is not None:
-                n = len(self.encoder.encode([message], add_generation_prompt=False))
-            else:
-                n = await self.engine.count_tokens(render_prompt([message], add_generation_prompt=False, defang=True))
-            self._counts[message] = n
+            self._counts[message] = await self.engine.count_tokens(
+                render_prompt([message], add_generation_prompt=False, defang=True)
+            )
         return self._counts[message]
 
     async def count(self, messages: Sequence[Message], *, add_generation_prompt: bool = False) -> int:
@@ -98,10 +115,13 @@ class PromptCodec:
 
     def count_text(self) -> Callable[[str], int]:
         """A synchronous counter for passage packing: the tokenizer's, else the estimate (errs high)."""
-        if self.encoder is not None:
-            encode = self.encoder.encode_text
-            return lambda text: len(encode(text))
-        return estimate_tokens
+        if self.encoder is None:
+            return estimate_tokens
+        if self._count_text is None:
+            # Memoised: selection counts the same strings more than once (words of long sentences,
+            # passages again when packing, the per-context overhead), on every sentence of every page.
+            self._count_text = functools.lru_cache(maxsize=_CACHE_SIZE)(self.encoder.count_text)
+        return self._count_text
 
 
 @dataclass(slots=True)

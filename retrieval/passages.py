@@ -104,18 +104,27 @@ def _is_abbreviation(before: str) -> bool:
 def _split_long(sentence: str, limit: int, count_tokens: Callable[[str], int]) -> list[str]:
     """Cut a sentence longer than a passage into pieces of at most ``limit`` tokens, at spaces,
     and between characters inside a run too long for one piece (CJK text has no spaces)."""
-    units = [
-        unit
-        for word in _WORD_SPAN.findall(sentence)
-        for unit in ([word] if count_tokens(word) <= limit else list(word))
-    ]
+    units: list[tuple[str, int]] = []
+    for word in _WORD_SPAN.findall(sentence):
+        n = count_tokens(word)
+        units += [(word, n)] if n <= limit else [(char, count_tokens(char)) for char in word]
     pieces: list[str] = []
-    current = ""
-    for unit in units:
-        if current and count_tokens(current + unit) > limit:
-            pieces.append(current)
-            current = ""
+    current, size = "", 0
+    for unit, n in units:
+        # ``size`` adds up the units' own counts, which in practice is not less than the count of their
+        # join (a BPE merge across a boundary saves tokens): the grown piece is counted exactly only when
+        # the sum says it may not fit, so the cut stays where it was and the cost linear, not quadratic.
+        # Should a tokenizer count a join higher, a piece can exceed ``limit`` a little; packing counts
+        # every passage exactly either way.
+        if current and size + n > limit:
+            exact = count_tokens(current + unit)
+            if exact > limit:
+                pieces.append(current)
+                current, size = "", 0
+            else:
+                size = exact - n
         current += unit
+        size += n
     if current:
         pieces.append(current)
     return pieces

@@ -284,6 +284,18 @@ def test_hostile_text_stays_text(tokenizer, encoder):
     assert tokenizer.decode(ids) == HOSTILE
 
 
+@pytest.mark.parametrize("text", [HOSTILE, "北京今天晴 [citation:1]。", "plain words " * 40, "", "<|turn_end>x"])
+def test_fast_path_gives_the_ids_of_split_special_tokens(tokenizer, encoder, text):
+    expected = tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    assert encoder.encode_text(text) == expected
+    assert encoder.count_text(text) == len(expected)
+    assert encoder._counter is not None  # the fast path is the one tested
+    # The tokenizer itself still parses special tokens (the flag was set on a copy).
+    assert tokenizer.encode("<|turn_end|>", add_special_tokens=False) == [
+        tokenizer.convert_tokens_to_ids("<|turn_end|>")
+    ]
+
+
 def test_prompt_ids_put_special_tokens_only_where_the_template_does(tokenizer, encoder):
     messages = [
         Message("system", system_prompt(VENDOR_TIME, search=True)),
