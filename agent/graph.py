@@ -63,7 +63,7 @@ from engine.base import EngineError, EngineUnavailable, Sampling
 from engine.omni.errors import MediaError
 from engine.protocol import FORCED_SEARCH_REGEX, Message, render_observation, system_prompt
 from prompts.agent import EMPTY_ANSWER, in_language
-from retrieval.events import PageEvent, RetrievalEvent, SearchEvent
+from retrieval.events import PageEvent, RetrievalEvent, SearchEvent, SelectedEvent
 
 log = logging.getLogger(__name__)
 
@@ -187,21 +187,25 @@ async def generate(state: TurnState, runtime: Runtime[TurnContext]) -> dict[str,
     update: dict[str, Any] = {"usage": out.usage, "fallback": False}
     if first_token and state.get("first_token_ms") is None:
         update["first_token_ms"] = first_token[0]
-    if generation.kind == "call" and not tools:
-        # The ban did not hold (a text-only remote engine without the token's id): what came before
-        # the call is the answer.
+    message = out.message
+    if generation.kind in ("call", "call_error") and not tools and not force:
+        # The ban did not hold (a remote engine that could not tell us the token's id): what came
+        # before the call is the answer, and the call is not kept.
         generation = Generation("answer", generation.text)
-        update["notes"] = ["the model tried to search again after its last allowed search"]
+        message = Message("assistant", generation.text)
+        update["notes"] = ["the model tried to call the search tool when it could not: its call was ignored"]
     elif generation.kind == "call_error" and (force or state.get("repaired")):
         # Forced query unusable → answer without search; second bad call → force the search.
         update["tools_off" if force else "fallback"] = True
+        if force:
+            update["notes"] = [f"the search query could not be used ({generation.error}): answered without searching"]
         update["generation"] = generation
         return update
     elif generation.kind == "answer" and out.finish_reason == "length":
         update["notes"] = [f"the answer was cut at {sampling.max_tokens} tokens"]
     update["generation"] = generation
-    if out.message is not None:
-        update["turn"] = [out.message]
+    if message is not None:
+        update["turn"] = [message]
     return update
 
 
@@ -223,9 +227,12 @@ async def search(state: TurnState, runtime: Runtime[TurnContext]) -> dict[str, A
     # The template without contexts: what the observation costs before any passage is added.
     empty = Message("observation", render_observation(question, query, [], language=language))
     used = await ctx.codec.count([*_messages(state), empty], add_generation_prompt=True)
+    # While another round is allowed, leave it room for its call, its observation and a least context;
+    # otherwise this round's passages would fill the context and the model could never search again.
+    next_round = state["search_room"] if round_ < config.max_rounds else 0
     budget = min(
         ctx.retriever.select.budget_tokens,
-        ctx.engine.max_model_len - used - state.get("media_tokens", 0) - config.answer_tokens,
+        ctx.engine.max_model_len - used - state.get("media_tokens", 0) - config.answer_tokens - next_round,
     )
     began, searched_at = time.monotonic(), [time.monotonic()]
     new_sources: list = []
@@ -239,6 +246,8 @@ async def search(state: TurnState, runtime: Runtime[TurnContext]) -> dict[str, A
                 write(StatusEvent(stage="reading", message=f"Reading {len(event.results)} pages"))
         elif isinstance(event, PageEvent):
             write(event)
+        elif isinstance(event, SelectedEvent):
+            write(StatusEvent(stage="reading", message=f"Using {event.passages} passages from {event.pages} pages"))
 
     notes: list[str] = []
     update: dict[str, Any] = {"rounds": round_, "queries": [query]}

@@ -364,3 +364,73 @@ async def test_a_forced_query_cut_by_its_token_limit_is_kept(tokenizer_dir, corp
     assert answer.searched and len(answer.queries) == 1
     query = answer.queries[0]
     assert query and long_query.startswith(query) and query != long_query
+
+
+async def test_a_first_search_on_long_pages_leaves_room_for_a_second(tokenizer_dir, tmp_path):
+    import json
+    import random
+
+    from retrieval.search.local import LocalCorpusBackend
+
+    words = "tower iron Paris engineer design plan company built height visitors lattice river city year".split()
+    rng = random.Random(7)
+
+    def page(i: int) -> str:  # distinct sentences (near-duplicates would be dropped by the selector)
+        return " ".join(f"The Eiffel Tower {' '.join(rng.sample(words, 6))} {i * 1000 + j}." for j in range(150))
+
+    docs = [{"url": f"https://example.org/tower/{i}", "title": f"Tower page {i}", "text": page(i)} for i in range(6)]
+    (tmp_path / "long.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    backend = LocalCorpusBackend(tmp_path / "long.jsonl", tmp_path / "index")
+    eng = engine(tokenizer_dir, call("Eiffel Tower"), call("Gustave Eiffel 1884"), cite_all, RELATED)
+    answer = final(await collect(make_agent(eng, make_retriever(backend)).run(QUESTION))).answer
+    assert answer.rounds == 2  # the second call was allowed and ran
+    assert eng.requests[1].sampling.logit_bias == {}
+    assert len(eng.requests[1].prompt) > 2000  # the first round did fill most of the room it had
+    assert all(len(r.prompt) + r.sampling.max_tokens <= 4096 for r in eng.requests)
+
+
+async def test_a_call_the_engine_could_not_ban_is_ignored(tokenizer_dir, corpus_backend):
+    class NoTokenIds(ScriptedEngine):
+        async def tokenize(self, text):
+            return [1, 2] if text == "<|function_start|>" else await super().tokenize(text)
+
+    eng = NoTokenIds(tokenizer_dir, ["Four. " + call("2+2")])
+    turn = make_agent(eng, make_retriever(corpus_backend)).run("2+2?", mode="off")
+    answer = final(await collect(turn)).answer
+    assert eng.requests[0].sampling.logit_bias == {}  # nothing to ban by id
+    assert answer.answer == "Four. " and not answer.searched and len(eng.requests) == 1
+    assert any("could not" in note for note in answer.notes)
+    assert turn.record.transcript[0].function_call is None
+
+
+class BlockedResults:
+    """Results whose pages cannot be fetched (private addresses: the SSRF guard refuses them)."""
+
+    name = "blocked"
+
+    async def search(self, query, *, k, language=None, time_range=None):
+        from retrieval.types import SearchResult
+
+        return [
+            SearchResult(
+                title=f"Eiffel page {i}",
+                url=f"http://127.0.0.1:9/eiffel/{i}",
+                rank=i,
+                engine=self.name,
+                snippet=f"The Eiffel Tower was designed by the company of Gustave Eiffel (snippet {i}).",
+            )
+            for i in range(1, 4)
+        ]
+
+    async def aclose(self) -> None:
+        pass
+
+
+async def test_every_page_failing_answers_from_snippets(tokenizer_dir):
+    eng = engine(tokenizer_dir, call("Eiffel Tower"), cite_all, RELATED)
+    events = await collect(make_agent(eng, make_retriever(BlockedResults())).run(QUESTION))
+    answer = final(events).answer
+    pages = [e for e in events if isinstance(e, PageEvent)]
+    assert len(pages) == 3 and all(p.source == "snippet" and p.error for p in pages)
+    assert "all pages failed: answered from snippets" in answer.notes
+    assert answer.citations and all("snippet" in c.passage for c in answer.citations)
