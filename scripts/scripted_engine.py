@@ -14,7 +14,6 @@ It uses the tiny Megrez tokenizer (``scripts/megrez_tokenizer.py``), so prompts 
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,7 +48,6 @@ class ScriptedEngine(Engine):
     chunk_chars: int = 3
     delay_s: float = 0.0  # per chunk: a fixed streaming rate
     requests: list[Request] = field(default_factory=list)
-    cpu_s: float = 0.0  # process CPU time spent in this engine's own code
     backend = "scripted"
 
     def __post_init__(self) -> None:
@@ -117,7 +115,6 @@ class ScriptedEngine(Engine):
     async def stream(
         self, prompt: Prompt, sampling: Sampling, *, request_id: str, multimodal: MultiModalData | None = None
     ) -> AsyncIterator[Delta]:
-        began = time.process_time()
         ids = self._tokenizer.encode(prompt, add_special_tokens=False) if isinstance(prompt, str) else list(prompt)
         if len(ids) + sampling.max_tokens > self.max_len:
             raise EngineError(f"prompt of {len(ids)} tokens + {sampling.max_tokens} exceeds {self.max_len}")
@@ -140,7 +137,6 @@ class ScriptedEngine(Engine):
         pieces = [text[i : i + self.chunk_chars] for i in range(0, len(text), self.chunk_chars)] or [""]
         # Token ids spread over the pieces (the count is what matters: usage).
         per_piece = max(1, len(out_ids) // len(pieces))
-        self.cpu_s += time.process_time() - began
         done = False
         try:
             for i, piece in enumerate(pieces):
