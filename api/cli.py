@@ -10,6 +10,7 @@ import sys
 from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 from retrieval.events import PageEvent, RetrievalEvent, SearchEvent
 from retrieval.search.factory import BACKEND_NAMES
@@ -105,14 +106,19 @@ def cmd_extract(args: argparse.Namespace) -> None:
         _emit({"id": path.name.removesuffix(".gz").removesuffix(".html"), "title": doc.title, "text": doc.text})
 
 
-def _read_questions(lines: Iterator[str]) -> Iterator[tuple[int, dict]]:
+def _jsonl(lines: Iterator[str]) -> Iterator[tuple[int, Any]]:
+    """``(line number, value)`` of each non-blank JSON line; a line that is not JSON is a usage error."""
     for lineno, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
+            yield lineno, json.loads(line)
         except json.JSONDecodeError as exc:
             raise UsageError(f"line {lineno}: not JSON ({exc.msg})") from None
+
+
+def _read_questions(lines: Iterator[str]) -> Iterator[tuple[int, dict]]:
+    for lineno, row in _jsonl(lines):
         if not (isinstance(row, dict) and isinstance(row.get("question"), str) and isinstance(row.get("pages"), list)):
             raise UsageError(f'line {lineno}: expected {{"id", "question", "pages": [{{"url", "title", "text"}}]}}')
         for page in row["pages"]:
@@ -229,13 +235,7 @@ def cmd_support(args: argparse.Namespace) -> None:
     from agent.support import SupportChecker
 
     checker = SupportChecker() if args.threshold is None else SupportChecker(args.threshold)
-    for lineno, line in enumerate(sys.stdin, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise UsageError(f"line {lineno}: not JSON ({exc.msg})") from None
+    for lineno, row in _jsonl(sys.stdin):
         if not (isinstance(row, dict) and isinstance(row.get("claim"), str) and isinstance(row.get("passage"), str)):
             raise UsageError(f'line {lineno}: expected {{"id", "claim", "passage"}} with string claim and passage')
         question = row.get("question") if isinstance(row.get("question"), str) else None

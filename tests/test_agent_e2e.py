@@ -25,6 +25,19 @@ from tests.tiny_models import serve_in_process
 PROJECT = Path(__file__).resolve().parents[1]
 
 
+async def run_cli(argv: list[str], env: dict[str, str], *, cwd: Path) -> tuple[int, str, str]:
+    """``megrez-search ARGV`` in a child process (the test's event loop keeps serving meanwhile)."""
+    proc = await asyncio.create_subprocess_exec(
+        *(sys.executable, "-m", "api.cli", *argv),
+        cwd=cwd,
+        env=env | {"PYTHONPATH": str(PROJECT)},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), timeout=120)
+    return proc.returncode, out.decode(), err.decode()
+
+
 def web_retriever(fixture_web, fixture_search):
     from retrieval.config import SelectConfig
     from retrieval.fetch import Fetcher
@@ -76,31 +89,16 @@ async def test_ask_command_against_a_remote_engine_with_a_local_corpus(remote_ur
         "MEGREZ_AGENT__RELATED_TOKENS": "32",
         "MEGREZ_AGENT__SEARCH_TEMPERATURE": "0",
     }
-    args = [sys.executable, "-m", "api.cli", "ask", "Who designed the Eiffel Tower?", "--websearch", "always"]
-    proc = await asyncio.create_subprocess_exec(
-        *args,
-        "--json",
-        cwd=tmp_path,
-        env=env | {"PYTHONPATH": str(PROJECT)},
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await asyncio.wait_for(proc.communicate(), timeout=120)
-    assert proc.returncode == 0, err.decode()
+    args = ["ask", "Who designed the Eiffel Tower?", "--websearch", "always"]
+    code, out, err = await run_cli([*args, "--json"], env, cwd=tmp_path)
+    assert code == 0, err
     answer = json.loads(out)
     assert answer["mode"] == "always" and answer["searched"] and answer["sources"]
     assert answer["sources"][0]["url"] in {d["url"] for d in DOCUMENTS}
     # Without --json: the answer on stdout, progress on stderr.
-    proc = await asyncio.create_subprocess_exec(
-        *args,
-        cwd=tmp_path,
-        env=env | {"PYTHONPATH": str(PROJECT)},
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await asyncio.wait_for(proc.communicate(), timeout=120)
-    assert proc.returncode == 0, err.decode()
-    assert "Searching: " in err.decode() and "[1] " in err.decode() and out.strip()
+    code, out, err = await run_cli(args, env, cwd=tmp_path)
+    assert code == 0, err
+    assert "Searching: " in err and "[1] " in err and out.strip()
 
 
 async def test_ask_command_reports_an_unreachable_engine(tmp_path):
@@ -110,23 +108,10 @@ async def test_ask_command_reports_an_unreachable_engine(tmp_path):
         "MEGREZ_ENGINE__BACKEND": "openai",
         "MEGREZ_ENGINE__OPENAI_BASE_URL": f"http://127.0.0.1:{free_port()}",
         "MEGREZ_ENGINE__RETRIES": "0",
-        "PYTHONPATH": str(PROJECT),
     }
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "api.cli",
-        "ask",
-        "hello",
-        cwd=tmp_path,
-        env=env,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await asyncio.wait_for(proc.communicate(), timeout=60)
-    assert proc.returncode == 1 and out == b""
-    assert "did not start" in err.decode() and "127.0.0.1" in err.decode()
-    assert "Traceback" not in err.decode()
+    code, out, err = await run_cli(["ask", "hello"], env, cwd=tmp_path)
+    assert code == 1 and out == ""
+    assert "did not start" in err and "127.0.0.1" in err and "Traceback" not in err
 
 
 def test_error_event_codes_are_documented():

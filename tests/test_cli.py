@@ -22,7 +22,9 @@ def run(monkeypatch, capsys, argv, stdin: bytes = b""):
 
 def test_extract_stdin_reads_bytes_and_prints_main_text(monkeypatch, capsys):
     page = "<html><head><title>中文标题</title><meta charset='gbk'></head><body><nav>首页 登录</nav><article>"
-    page += "<p>" + "这是一段足够长的中文正文，用来检验编码识别与正文抽取是否正确。" * 6 + "</p></article></body></html>"
+    page += (
+        "<p>" + "这是一段足够长的中文正文，用来检验编码识别与正文抽取是否正确。" * 6 + "</p></article></body></html>"
+    )
     code, out, _ = run(monkeypatch, capsys, ["extract", "--json"], page.encode("gbk"))
     assert code == 0
     doc = json.loads(out)
@@ -95,7 +97,9 @@ def test_search_local_corpus_with_fetch_prints_cited_passages(monkeypatch, capsy
     (corpus / "tea.txt").write_text("Green tea is made from unoxidised leaves.\n")
     monkeypatch.setenv("MEGREZ_SEARCH__CORPUS_PATH", str(corpus))
     monkeypatch.setenv("MEGREZ_SEARCH__INDEX_DIR", str(tmp_path / "index"))
-    code, out, err = run(monkeypatch, capsys, ["search", "who designed the Eiffel tower", "--backend", "local", "--fetch"])
+    code, out, err = run(
+        monkeypatch, capsys, ["search", "who designed the Eiffel tower", "--backend", "local", "--fetch"]
+    )
     assert code == 0, err
     assert "results from local" in err
     assert "[1] " in out and "Gustave Eiffel" in out
@@ -114,3 +118,33 @@ def test_search_without_usable_backend_is_a_usage_error(monkeypatch, capsys):
     code, _, err = run(monkeypatch, capsys, ["search", "anything", "--backend", "local"])
     assert code == 2
     assert "corpus_path is not set" in err
+
+
+def test_support_scores_claim_passage_pairs(monkeypatch, capsys):
+    passage = "The Eiffel Tower was designed by the company of Gustave Eiffel and built from 1887 to 1889."
+    rows = [
+        {"id": "yes", "claim": "The Eiffel Tower was built from 1887 to 1889.", "passage": passage},
+        {"id": "no", "claim": "The Eiffel Tower was built in 1925 by Le Corbusier.", "passage": passage},
+    ]
+    stdin = "".join(json.dumps(r) + "\n" for r in rows).encode()
+    code, out, _ = run(monkeypatch, capsys, ["support"], stdin)
+    assert code == 0
+    scores = {r["id"]: r for r in map(json.loads, out.splitlines())}
+    assert scores["yes"]["supported"] and not scores["no"]["supported"]
+    assert scores["yes"]["score"] > scores["no"]["score"]
+    code, out, _ = run(monkeypatch, capsys, ["support", "--threshold", "0"], stdin)
+    assert all(json.loads(line)["supported"] for line in out.splitlines())
+
+
+@pytest.mark.parametrize(
+    ("stdin", "message"), [(b"{nope\n", "line 1: not JSON"), (b'\n{"id": 1, "claim": 3}\n', "line 2: expected")]
+)
+def test_support_rejects_bad_lines_with_their_number(monkeypatch, capsys, stdin, message):
+    code, out, err = run(monkeypatch, capsys, ["support"], stdin)
+    assert code == 2 and out == "" and message in err
+
+
+def test_ask_with_an_unreadable_image_is_a_usage_error(monkeypatch, capsys, tmp_path):
+    code, out, err = run(monkeypatch, capsys, ["ask", "What is this?", "--image", str(tmp_path / "missing.png")])
+    assert code == 2 and out == ""
+    assert "--image" in err and "missing.png" in err
