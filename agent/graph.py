@@ -272,6 +272,8 @@ async def search(state: TurnState, runtime: Runtime[TurnContext]) -> dict[str, A
         )
         if found.outcome.backend is None and found.outcome.failures:
             update["tools_off"] = True  # every backend is down: do not let the model try again
+    elif found is not None and not contexts:
+        notes.append("no usable text in the search results (or no room left for it): answered without sources")
     elif found is not None and found.pages and all(p.source == "snippet" for p in found.pages):
         notes.append("all pages failed: answered from snippets")
     update |= {

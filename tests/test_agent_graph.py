@@ -434,3 +434,16 @@ async def test_every_page_failing_answers_from_snippets(tokenizer_dir):
     assert len(pages) == 3 and all(p.source == "snippet" and p.error for p in pages)
     assert "all pages failed: answered from snippets" in answer.notes
     assert answer.citations and all("snippet" in c.passage for c in answer.citations)
+
+
+async def test_results_without_usable_text_answer_without_sources(tokenizer_dir):
+    class EmptyResults(BlockedResults):
+        async def search(self, query, *, k, language=None, time_range=None):
+            from dataclasses import replace
+
+            return [replace(r, snippet="") for r in await super().search(query, k=k)]
+
+    eng = engine(tokenizer_dir, call("Eiffel Tower"), "I could not find it.<|turn_end|>", RELATED)
+    answer = final(await collect(make_agent(eng, make_retriever(EmptyResults())).run(QUESTION))).answer
+    assert observation_of(eng, 1) == NO_RESULTS and answer.citations == []
+    assert any(note.startswith("no usable text in the search results") for note in answer.notes)
