@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import gzip
 import json
+import os
 import sys
 from collections.abc import Iterator
 from dataclasses import asdict
@@ -13,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 from retrieval.events import PageEvent, RetrievalEvent, SearchEvent
-from retrieval.search.factory import BACKEND_NAMES
 from retrieval.types import Page
 
 
@@ -144,6 +144,8 @@ def cmd_select(args: argparse.Namespace) -> None:
 
 
 async def cmd_ask(args: argparse.Namespace) -> None:
+    # vLLM logs to stdout by default; stdout is the answer here.
+    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
     from agent import Agent
     from agent.events import AnswerEvent, ErrorEvent, PreambleEvent, QueryEvent, SourcesEvent, StatusEvent, TokenEvent
     from agent.state import MediaItem
@@ -244,6 +246,11 @@ def cmd_support(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # Not at module level: this module is the __main__ that vLLM's spawned workers import again, and the
+    # search backends bring in bm25s → numba → llvmlite, whose objects break the worker's start-up scan
+    # of sys.modules (vllm/triton_utils/dispatcher.py: "'_lib_fn_wrapper' object has no attribute 'get'").
+    from retrieval.search.factory import BACKEND_NAMES
+
     parser = argparse.ArgumentParser(prog="megrez-search", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 

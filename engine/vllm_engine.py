@@ -1,7 +1,10 @@
 """vLLM embedded in this process (``AsyncLLM``), streaming deltas.
 
 vLLM runs its EngineCore (and, on CPU, a worker) in *spawned* processes, so every program that
-starts this engine needs its entry point under ``if __name__ == "__main__":``.
+starts this engine needs its entry point under ``if __name__ == "__main__":``. The spawned worker
+imports that ``__main__`` module again and then scans every loaded module; llvmlite (numba, which
+bm25s imports) breaks the scan, so the entry module must import the search backends lazily
+(``api/cli.py`` does, and a test keeps it so).
 """
 
 from __future__ import annotations

@@ -148,3 +148,14 @@ def test_ask_with_an_unreadable_image_is_a_usage_error(monkeypatch, capsys, tmp_
     code, out, err = run(monkeypatch, capsys, ["ask", "What is this?", "--image", str(tmp_path / "missing.png")])
     assert code == 2 and out == ""
     assert "--image" in err and "missing.png" in err
+
+
+def test_the_command_module_imports_nothing_that_breaks_vllm_workers():
+    """vLLM's spawned workers import the __main__ module again (``api.cli`` for the command) and scan every
+    loaded module; llvmlite (numba, brought in by bm25s) makes that scan fail, so the module must not
+    import it."""
+    import subprocess
+
+    code = "import sys, api.cli; print('llvmlite' in sys.modules, 'vllm' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "False"]
