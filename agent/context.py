@@ -142,6 +142,6 @@ class TurnContext:
         self._requests += 1
         return f"{self.request_id}-{self._requests}-{purpose}"
 
-    def elapsed_ms(self, since: float | None = None) -> float:
-        """Milliseconds since ``since`` (a ``time.monotonic()`` reading), by default since the turn began."""
-        return round((time.monotonic() - (self.started if since is None else since)) * 1000, 1)
+    def elapsed_ms(self) -> float:
+        """Milliseconds since the turn began."""
+        return round((time.monotonic() - self.started) * 1000, 1)

@@ -75,6 +75,13 @@ def _fail(runtime: Runtime[TurnContext], code: ErrorCode, message: str) -> dict[
     return {"failed": True}
 
 
+def engine_failure(exc: EngineError) -> ErrorEvent:
+    """The error event for an engine that cannot be reached or failed the request."""
+    if isinstance(exc, EngineUnavailable):
+        return ErrorEvent(code="engine_unavailable", message=f"the model engine is unavailable: {exc}")
+    return ErrorEvent(code="engine_error", message=f"the model engine failed: {exc}")
+
+
 def _messages(state: TurnState) -> list[Message]:
     return [state["system"], *state.get("history_messages", []), state["user"], *state.get("turn", [])]
 
@@ -97,7 +104,6 @@ async def prepare(state: TurnState, runtime: Runtime[TurnContext]) -> dict[str, 
     room_for_search = 0 if mode == "off" else await search_reserve(ctx, question, language)
     update: dict[str, Any] = {
         "mode": mode,
-        "now": now,
         "answer_language": language,
         "system": system,
         "user": user,
@@ -179,10 +185,9 @@ async def generate(state: TurnState, runtime: Runtime[TurnContext]) -> dict[str,
             forced=force,
             on_first_token=lambda: first_token.append(ctx.elapsed_ms()),
         )
-    except EngineUnavailable as exc:
-        return _fail(runtime, "engine_unavailable", f"the model engine is unavailable: {exc}")
     except EngineError as exc:
-        return _fail(runtime, "engine_error", f"the model engine failed: {exc}")
+        runtime.stream_writer(engine_failure(exc))
+        return {"failed": True}
     generation = out.generation
     update: dict[str, Any] = {"usage": out.usage, "fallback": False}
     if first_token and state.get("first_token_ms") is None:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Annotated, Any, Literal, TypedDict
 
 from agent.config import SearchMode
@@ -79,7 +78,6 @@ class TurnOutput(TypedDict, total=False):
 
 
 class TurnState(TurnInput, TurnOutput, total=False):
-    now: datetime  # the clock in the system prompt, taken once per turn
     answer_language: str
     system: Message
     history_messages: list[Message]  # the earlier turns that fit, trimmed

@@ -18,10 +18,10 @@ from datetime import datetime
 from agent.config import AgentConfig, SearchMode
 from agent.context import PromptCodec, TurnContext
 from agent.events import Answer, ErrorEvent, Event, TurnRecord
-from agent.graph import build_graph
+from agent.graph import build_graph, engine_failure
 from agent.state import MediaItem, TurnInput
 from agent.support import SupportChecker
-from engine.base import Engine, EngineError, EngineUnavailable
+from engine.base import Engine, EngineError
 from retrieval.pipeline import Retriever
 
 log = logging.getLogger(__name__)
@@ -124,10 +124,8 @@ class Agent:
                             yield chunk
                         elif "finish" in chunk:
                             turn.answer, turn.record = chunk["finish"]["answer"], chunk["finish"]["record"]
-            except EngineUnavailable as exc:
-                yield ErrorEvent(code="engine_unavailable", message=f"the model engine is unavailable: {exc}")
-            except EngineError as exc:
-                yield ErrorEvent(code="engine_error", message=f"the model engine failed: {exc}")
+            except EngineError as exc:  # looking the function-call tokens up (a remote server that is down)
+                yield engine_failure(exc)
             except Exception as exc:  # a bug: the caller still gets a well-formed end of stream
                 log.exception("turn %s failed", request_id)
                 yield ErrorEvent(code="internal", message=f"internal error ({type(exc).__name__}): {exc}")

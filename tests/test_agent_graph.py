@@ -447,3 +447,12 @@ async def test_results_without_usable_text_answer_without_sources(tokenizer_dir)
     answer = final(await collect(make_agent(eng, make_retriever(EmptyResults())).run(QUESTION))).answer
     assert observation_of(eng, 1) == NO_RESULTS and answer.citations == []
     assert any(note.startswith("no usable text in the search results") for note in answer.notes)
+
+
+async def test_an_engine_down_before_the_first_generation_ends_with_an_error_event(tokenizer_dir, corpus_backend):
+    class Down(ScriptedEngine):
+        async def tokenize(self, text):
+            raise EngineUnavailable("cannot reach http://gpu-host:8000")
+
+    error = final(await collect(make_agent(Down(tokenizer_dir), make_retriever(corpus_backend)).run(QUESTION)))
+    assert error.code == "engine_unavailable" and "gpu-host" in error.message
