@@ -45,26 +45,11 @@ from retrieval.fetch import Fetcher
 from retrieval.pipeline import Retriever
 from retrieval.search.chain import SearchChain
 from scripts.corpora import hotpot_questions
-from scripts.fixture_web import FixtureWeb
+from scripts.fixture_web import FixtureWeb, WebSearch
 from scripts.megrez_tokenizer import build_megrez_tokenizer
 from scripts.scripted_engine import ScriptedEngine, contexts_of
 
 ANSWER_SENTENCES = 6
-
-
-class WebOnly:
-    """The fixture web's search, as a web engine: it gives URLs, the pages must be fetched."""
-
-    name = "web"
-
-    def __init__(self, inner) -> None:
-        self.inner = inner
-
-    async def search(self, query, *, k, language=None, time_range=None):
-        return await self.inner.search(query, k=k, language=language, time_range=time_range)
-
-    async def aclose(self) -> None:
-        pass
 
 
 class ExtractionClock:
@@ -186,9 +171,9 @@ async def main_async(turns: int) -> None:
                 for name, backend, rounds, k in (
                     ("0 rounds", local, 0, 8),
                     ("1 round · local", local, 1, 8),
-                    ("1 round · 5 fetched", WebOnly(local), 1, 5),
+                    ("1 round · 5 fetched", WebSearch(local), 1, 5),
                     ("2 rounds · local", local, 2, 8),
-                    ("2 rounds · 5 fetched", WebOnly(local), 2, 5),
+                    ("2 rounds · 5 fetched", WebSearch(local), 2, 5),
                 ):
                     retriever = Retriever(SearchChain([backend], k=k), Fetcher(web.fetch_config()), SelectConfig())
                     async with retriever:

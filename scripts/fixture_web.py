@@ -181,6 +181,22 @@ def _plain_text(raw: bytes) -> tuple[str, str]:
     return title, " ".join(doc.text_content().split())
 
 
+class WebSearch:
+    """A search backend that knows only URLs, as a web engine does: its hits must be fetched (wraps the
+    fixture web's local search, whose hits would otherwise be read straight from its index)."""
+
+    name = "web"
+
+    def __init__(self, inner: LocalCorpusBackend) -> None:
+        self._inner = inner
+
+    async def search(self, query: str, *, k: int, language: str | None = None, time_range: str | None = None):
+        return await self._inner.search(query, k=k, language=language, time_range=time_range)
+
+    async def aclose(self) -> None:
+        pass
+
+
 class FixtureWeb:
     """The server. ``start()`` runs it in a background thread (tests); ``serve()`` in the running
     loop (standalone). ``base_url`` is known once it listens."""

@@ -14,21 +14,7 @@ from retrieval.pipeline import Retriever
 from retrieval.search.chain import SearchChain
 from retrieval.types import SearchResult
 from scripts.corpora import crag_questions, hotpot_questions
-
-
-class WebSearch:
-    """A search backend that only knows URLs, like a web engine: pages must be fetched."""
-
-    name = "web"
-
-    def __init__(self, inner) -> None:
-        self._inner = inner
-
-    async def search(self, query, *, k, language=None, time_range=None):
-        return await self._inner.search(query, k=k, language=language, time_range=time_range)
-
-    async def aclose(self) -> None:
-        pass
+from scripts.fixture_web import WebSearch
 
 
 class FixedResults:
