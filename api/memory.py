@@ -19,7 +19,7 @@ to resume, not to archive (the turn itself is in the conversation).
 
 A turn is written **atomically** (one MULTI/EXEC): the turn, the conversation's ``updated`` and
 title, its place in the listing and the renewed TTLs land together or not at all, so a crash never
-leaves half a turn. Events are appended with ``XADD``, the last one always ``done`` (``{"status": …}``,
+leaves half a turn. Events are appended with ``XADD``, the last one always ``done`` (``{"type": "done", "status": …}``,
 written by :meth:`end_message`); a reader resumes after the id it last saw (the SSE ``Last-Event-ID``)
 and follows live with blocking ``XREAD`` until ``done`` — from any replica sharing the Redis.
 
@@ -45,7 +45,7 @@ from pydantic import BaseModel
 from agent.events import TurnRecord
 
 MessageStatus = Literal["running", "done", "stopped", "failed"]
-DONE = "done"  # the last event of every message stream: {"status": ...}
+DONE = "done"  # the last event of every message stream: {"type": "done", "status": ...}
 TITLE_CHARS = 80
 FOLLOW_BLOCK_MS = 15_000  # one blocking read; the follower loops (and the SSE layer sends heartbeats)
 
@@ -175,7 +175,7 @@ class LocalMemory:
         return event.id
 
     async def end_message(self, mid: str, status: MessageStatus) -> str:
-        event_id = await self.append_event(mid, DONE, json.dumps({"status": status}))
+        event_id = await self.append_event(mid, DONE, json.dumps({"type": DONE, "status": status}))
         self._messages[mid].status = status
         return event_id
 
@@ -308,7 +308,7 @@ class RedisMemory:
     async def end_message(self, mid: str, status: MessageStatus) -> str:
         key = f"megrez:msg:{mid}"
         async with self._redis.pipeline(transaction=True) as tx:
-            tx.xadd(f"{key}:events", {"type": DONE, "data": json.dumps({"status": status})})
+            tx.xadd(f"{key}:events", {"type": DONE, "data": json.dumps({"type": DONE, "status": status})})
             tx.hset(key, "status", status)
             event_id, _ = await self._call(tx.execute())
         return event_id

@@ -63,7 +63,7 @@ async def test_event_stream_replays_resumes_and_follows_live(memory):
     events = await asyncio.wait_for(follower, 5)
     assert [e.id for e in events] == [*ids, late, done]
     assert [json.loads(e.data).get("text") for e in events[:4]] == ["0", "1", "2", "3"]
-    assert events[-1].type == DONE and json.loads(events[-1].data) == {"status": "done"}
+    assert events[-1].type == DONE and json.loads(events[-1].data) == {"type": "done", "status": "done"}
     resumed = await read(after=ids[1])
     assert [e.id for e in resumed] == [ids[2], late, done]  # exactly what came after, once
     assert await memory.message_status("m1") == (conv.id, "done")

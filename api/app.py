@@ -1,0 +1,91 @@
+"""The HTTP service: ``create_app(settings)`` builds a FastAPI app whose lifespan owns the engine,
+the retriever and the memory store (each an async context manager or closable), with one router per
+concern (``api/routes/``).
+
+The engine starts in the background: ``/healthz`` answers at once and ``/readyz`` says ``engine
+loading`` (503) until it is up, so orchestrators do not kill a replica that is still loading weights.
+Tests inject a scripted engine, a retriever on the fixture web and a memory store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from fastapi import FastAPI
+
+from agent import Agent
+from api.memory import Memory, make_memory
+from api.routes import chat, conversations, health
+from api.settings import Settings
+from api.turns import TurnRunner
+from engine.base import Engine
+from engine.factory import build_engine
+from retrieval.pipeline import Retriever
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Services:
+    """What the routes use, built and closed by the app's lifespan."""
+
+    settings: Settings
+    engine: Engine
+    retriever: Retriever
+    memory: Memory
+    runner: TurnRunner
+    engine_ready: asyncio.Event = field(default_factory=asyncio.Event)
+    engine_error: str | None = None
+
+    async def _start_engine(self) -> None:
+        try:
+            await self.engine.start()
+        except Exception as exc:  # reported by /readyz and every /chat until fixed
+            log.exception("the model engine did not start")
+            self.engine_error = f"{type(exc).__name__}: {exc}"
+            return
+        self.engine_ready.set()
+
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    engine: Engine | None = None,
+    retriever: Retriever | None = None,
+    memory: Memory | None = None,
+) -> FastAPI:
+    """The app; any of ``engine``, ``retriever``, ``memory`` may be given (tests), else built from settings."""
+    settings = settings or Settings()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        the_memory = memory or make_memory(settings.redis_url)
+        if settings.redis_url is None and memory is None:
+            log.warning("no MEGREZ_REDIS_URL: conversations live in this process only and are lost on restart")
+        the_retriever = retriever or Retriever.from_config(
+            settings.search, settings.fetch, settings.select, redis_url=settings.redis_url
+        )
+        the_engine = engine or build_engine(settings.engine)
+        agent = Agent(the_engine, the_retriever, config=settings.agent)
+        services = Services(settings, the_engine, the_retriever, the_memory, TurnRunner(agent, the_memory))
+        app.state.services = services
+        starting = asyncio.create_task(services._start_engine())
+        try:
+            yield
+        finally:
+            await services.runner.aclose()
+            starting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await starting
+            await the_engine.shutdown()
+            await the_retriever.aclose()
+            await the_memory.aclose()
+
+    app = FastAPI(title="megrez-search", version="0.1.0", lifespan=lifespan)
+    for router in (health.router, chat.router, conversations.router):
+        app.include_router(router)
+    return app

@@ -1,0 +1,1 @@
+"""One router per concern: ``health`` (liveness, readiness), ``chat`` (turns and their streams), ``conversations``."""

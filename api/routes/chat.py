@@ -1,0 +1,113 @@
+"""``POST /chat`` (SSE or JSON), ``GET /chat/{message_id}/events`` (resume), ``POST /chat/{message_id}/stop``.
+
+Every response reads the message's event stream in memory (see ``api/turns.py``): the live stream, a
+resumed one (``Last-Event-ID`` header or ``last_event_id`` query) and the JSON answer are the same
+events. SSE: ``event:`` is the event's type, ``data:`` its JSON, ``id:`` the stream id; ``meta`` comes
+first, ``done`` last, a comment every 15 s keeps idle proxies from closing the connection.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+
+from fastapi import APIRouter, Header, HTTPException, Query, Request
+from sse_starlette.sse import EventSourceResponse
+
+from api.memory import DONE, Memory
+from api.routes.deps import services, store_errors
+from api.schemas import ChatRequest, ChatResponse, MetaEvent
+from api.turns import ConversationBusy
+
+router = APIRouter(tags=["chat"])
+
+_MODES = {"off": "off", "auto": "auto", "always": "always", "true": "auto", "false": "off"}
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # no proxy buffering
+
+
+def _mode(websearch: str) -> str:
+    mode = _MODES.get(websearch.strip().lower())
+    if mode is None:
+        raise HTTPException(422, f"websearch must be one of off, auto, always, true, false (got {websearch!r})")
+    return mode
+
+
+async def _sse(memory: Memory, cid: str, mid: str, after: str | None) -> AsyncIterator[dict]:
+    if after is None:
+        yield {"event": "meta", "id": "0-0", "data": MetaEvent(conversation_id=cid, message_id=mid).model_dump_json()}
+    async for event in memory.events(mid, after):
+        yield {"event": event.type, "id": event.id, "data": event.data}
+
+
+@router.post("/chat", response_model=ChatResponse)
+async def chat(
+    body: ChatRequest,
+    request: Request,
+    websearch: str = Query("auto", description="off, auto (the model decides), always; true = auto, false = off"),
+    stream: bool | None = Query(None, description="SSE instead of JSON (also chosen by Accept: text/event-stream)"),
+):
+    """Ask a question: streams the agent's events as SSE, or waits and returns the structured answer."""
+    mode = _mode(websearch)
+    svc = services(request)
+    if svc.engine_error:
+        raise HTTPException(503, f"the model engine failed to start: {svc.engine_error}")
+    if not svc.engine_ready.is_set():
+        raise HTTPException(503, "engine loading")
+    with store_errors():
+        if body.conversation_id:
+            conversation = await svc.memory.get_conversation(body.conversation_id)
+            if conversation is None:
+                raise HTTPException(404, f"unknown conversation {body.conversation_id}")
+            history = [t.record for t in await svc.memory.turns(conversation.id) if t.status == "done"]
+        else:
+            conversation, history = await svc.memory.create_conversation(body.message), []
+        try:
+            mid = await svc.runner.start(
+                conversation.id, body.message, history=history, media=[], mode=mode, language=body.language
+            )
+        except ConversationBusy as exc:
+            raise HTTPException(409, str(exc)) from exc
+    if stream or (stream is None and "text/event-stream" in request.headers.get("accept", "")):
+        return EventSourceResponse(_sse(svc.memory, conversation.id, mid, None), ping=15, headers=SSE_HEADERS)
+    answer = error = None
+    status = "running"
+    with store_errors():
+        async for event in svc.memory.events(mid):
+            if event.type == "answer":
+                answer = json.loads(event.data)["answer"]
+            elif event.type == "error":
+                error = json.loads(event.data)
+            elif event.type == DONE:
+                status = json.loads(event.data)["status"]
+    return ChatResponse(conversation_id=conversation.id, message_id=mid, status=status, answer=answer, error=error)
+
+
+@router.get("/chat/{message_id}/events")
+async def resume(
+    message_id: str,
+    request: Request,
+    last_event_id: str | None = Query(None, description="Replay what came after this id (or the Last-Event-ID header)"),
+    last_event_header: str | None = Header(None, alias="Last-Event-ID"),
+):
+    """The message's events after the given id, then live until it ends."""
+    svc = services(request)
+    with store_errors():
+        known = await svc.memory.message_status(message_id)
+    if known is None:
+        raise HTTPException(404, f"unknown or expired message {message_id}")
+    after = last_event_header or last_event_id
+    return EventSourceResponse(_sse(svc.memory, known[0], message_id, after), ping=15, headers=SSE_HEADERS)
+
+
+@router.post("/chat/{message_id}/stop")
+async def stop(message_id: str, request: Request) -> dict[str, str]:
+    """Stop a running turn (the engine request is aborted; the partial answer is saved as stopped)."""
+    svc = services(request)
+    with store_errors():
+        known = await svc.memory.message_status(message_id)
+        if known is None:
+            raise HTTPException(404, f"unknown or expired message {message_id}")
+        if known[1] == "running" and not await svc.runner.stop(message_id):
+            raise HTTPException(409, "the turn runs on another replica; stop it there")
+        status = (await svc.memory.message_status(message_id) or known)[1]
+    return {"message_id": message_id, "status": status}

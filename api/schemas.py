@@ -1,0 +1,60 @@
+"""The HTTP API's own request and response models; the stream's events are the agent's (``agent/events.py``).
+
+Two events exist only on the wire: ``meta`` first (the ids a client needs to resume or stop) and
+``done`` last (how the message ended); between them come the agent's events unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+from agent.events import Answer, TurnRecord
+
+
+class ChatRequest(BaseModel):
+    conversation_id: str | None = Field(default=None, description="Continue this conversation; omit to start one.")
+    message: str = Field(min_length=1, max_length=8000, description="The question.")
+    language: str | None = Field(default=None, description="Answer language, e.g. zh, en; default: the question's.")
+
+
+class MetaEvent(BaseModel):
+    type: Literal["meta"] = "meta"
+    conversation_id: str
+    message_id: str
+
+
+class DoneEvent(BaseModel):
+    type: Literal["done"] = "done"
+    status: Literal["done", "stopped", "failed", "running"]
+
+
+class ChatResponse(BaseModel):
+    conversation_id: str
+    message_id: str
+    status: str
+    answer: Answer | None = None
+    error: dict | None = None  # the error event, when the turn failed
+
+
+class ConversationSummary(BaseModel):
+    id: str
+    title: str
+    created: float
+    updated: float
+
+
+class TurnOut(BaseModel):
+    message_id: str
+    status: str
+    question: str
+    answer: Answer
+
+
+class ConversationOut(ConversationSummary):
+    turns: list[TurnOut]
+
+    @staticmethod
+    def turn(message_id: str, status: str, record: TurnRecord) -> TurnOut:
+        return TurnOut(message_id=message_id, status=status, question=record.question, answer=record.answer)

@@ -1,0 +1,212 @@
+"""The HTTP API through httpx's ASGI transport: /chat (SSE and JSON), resume, stop, conversations, health."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+
+import httpx
+import pytest
+
+from agent.config import AgentConfig
+from agent.events import EVENT_ADAPTER
+from api.app import create_app
+from api.memory import LocalMemory, RedisMemory
+from api.settings import Settings
+from scripts.scripted_engine import ScriptedEngine
+from tests.agent_fixtures import call, make_retriever
+from tests.net import free_port
+from tests.tiny_models import serve_in_process
+
+ANSWER = "Gustave Eiffel's company designed it [citation:1].<|turn_end|>"
+RELATED = "1. When was it built?\n2. How tall is it?\n3. Who was Koechlin?<|turn_end|>"
+
+
+def parse_sse(text: str) -> list[dict]:
+    """SSE frames → [{"event", "id", "data"}] (comments skipped)."""
+    frames = []
+    for block in text.replace("\r\n", "\n").split("\n\n"):
+        frame: dict = {}
+        for line in block.split("\n"):
+            if line.startswith(":") or ":" not in line:
+                continue
+            key, _, value = line.partition(":")
+            frame[key] = frame.get(key, "") + value.removeprefix(" ")
+        if frame:
+            frames.append(frame)
+    return frames
+
+
+@contextlib.asynccontextmanager
+async def client_for(app):
+    """The app served by uvicorn on 127.0.0.1 (httpx's ASGI transport buffers whole responses, so it
+    cannot show streaming, disconnects or stops mid-stream)."""
+    async with app.router.lifespan_context(app):
+        await asyncio.wait_for(app.state.services.engine_ready.wait(), 5)
+        async with serve_in_process(app) as url, httpx.AsyncClient(base_url=url, timeout=30) as client:
+            yield client
+
+
+@pytest.fixture(params=["local", "redis"])
+def memory_factory(request, redis_url):
+    return (lambda: LocalMemory()) if request.param == "local" else (lambda: RedisMemory(redis_url))
+
+
+def app_with(tokenizer_dir, corpus_backend, memory, *script, **engine_kw):
+    engine = ScriptedEngine(tokenizer_dir, list(script), **engine_kw)
+    settings = Settings(agent=AgentConfig(related=True))
+    return create_app(settings, engine=engine, retriever=make_retriever(corpus_backend), memory=memory), engine
+
+
+async def test_chat_streams_sse_with_meta_first_and_done_last(tokenizer_dir, corpus_backend, memory_factory):
+    app, _ = app_with(tokenizer_dir, corpus_backend, memory_factory(), call("Eiffel Tower"), ANSWER, RELATED)
+    async with client_for(app) as client:
+        response = await client.post(
+            "/chat", json={"message": "Who designed the Eiffel Tower?"}, headers={"Accept": "text/event-stream"}
+        )
+        assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
+        assert response.headers["x-accel-buffering"] == "no"
+        frames = parse_sse(response.text)
+        types = [f["event"] for f in frames]
+        assert types[0] == "meta" and types[-1] == "done" and "answer" in types
+        assert types.index("sources") < types.index("token")
+        ids = [f["id"] for f in frames[1:]]
+        assert len(set(ids)) == len(ids)  # every event has its own id
+        for frame in frames[1:-1]:  # the agent's events, valid against the protocol
+            assert EVENT_ADAPTER.validate_json(frame["data"]).type == frame["event"]
+        meta = json.loads(frames[0]["data"])
+        assert json.loads(frames[-1]["data"]) == {"type": "done", "status": "done"}
+        stored = await client.get(f"/conversations/{meta['conversation_id']}")
+        assert stored.status_code == 200
+        turn = stored.json()["turns"][0]
+        assert turn["message_id"] == meta["message_id"] and turn["answer"]["answer"].endswith("[1].")
+
+        # Resume from the middle: exactly the events after the given id, once.
+        middle = frames[len(frames) // 2]["id"]
+        resumed = await client.get(f"/chat/{meta['message_id']}/events", headers={"Last-Event-ID": middle})
+        rest = parse_sse(resumed.text)
+        assert [f["id"] for f in rest] == [f["id"] for f in frames[len(frames) // 2 + 1 :]]
+        by_query = await client.get(f"/chat/{meta['message_id']}/events", params={"last_event_id": middle})
+        assert [f["id"] for f in parse_sse(by_query.text)] == [f["id"] for f in rest]
+
+
+async def test_json_chat_and_a_follow_up_sees_the_earlier_turn(tokenizer_dir, corpus_backend, memory_factory):
+    app, engine = app_with(
+        tokenizer_dir, corpus_backend, memory_factory(), "Hello there!<|turn_end|>", "You said hello.<|turn_end|>"
+    )
+    async with client_for(app) as client:
+        first = (await client.post("/chat?websearch=false", json={"message": "Hi, I am Ada"})).json()
+        assert first["status"] == "done" and first["answer"]["answer"] == "Hello there!"
+        second = await client.post(
+            "/chat?websearch=off", json={"message": "What did I say?", "conversation_id": first["conversation_id"]}
+        )
+        assert second.status_code == 200 and second.json()["answer"]["answer"] == "You said hello."
+        assert "Hi, I am Ada" in engine.requests[1].text and "Hello there!" in engine.requests[1].text
+        listed = (await client.get("/conversations")).json()
+        assert listed[0]["id"] == first["conversation_id"] and listed[0]["title"] == "Hi, I am Ada"
+        assert (await client.delete(f"/conversations/{first['conversation_id']}")).status_code == 204
+        assert (await client.get(f"/conversations/{first['conversation_id']}")).status_code == 404
+
+
+async def test_bad_requests_get_clear_4xx(tokenizer_dir, corpus_backend):
+    app, engine = app_with(tokenizer_dir, corpus_backend, LocalMemory())
+    async with client_for(app) as client:
+        assert (await client.post("/chat?websearch=maybe", json={"message": "q"})).status_code == 422
+        assert (await client.post("/chat", json={"message": ""})).status_code == 422
+        assert (await client.post("/chat", json={"msg": "q"})).status_code == 422
+        unknown = await client.post("/chat", json={"message": "q", "conversation_id": "nope"})
+        assert unknown.status_code == 404 and "nope" in unknown.json()["detail"]
+        assert (await client.get("/chat/nope/events")).status_code == 404
+        assert (await client.post("/chat/nope/stop")).status_code == 404
+        assert (await client.delete("/conversations/nope")).status_code == 404
+    assert engine.requests == []
+
+
+async def test_stop_mid_stream_aborts_and_saves_the_partial_answer(tokenizer_dir, corpus_backend, memory_factory):
+    long = "A very long answer. " * 200 + "<|turn_end|>"
+    app, engine = app_with(tokenizer_dir, corpus_backend, memory_factory(), long, delay_s=0.005)
+    async with client_for(app) as client:
+        async with client.stream(
+            "POST",
+            "/chat?websearch=off",
+            json={"message": "Tell me everything"},
+            headers={"Accept": "text/event-stream"},
+        ) as response:
+            seen = ""
+            meta = None
+            async for chunk in response.aiter_text():
+                seen += chunk
+                frames = parse_sse(seen)
+                meta = meta or json.loads(frames[0]["data"])
+                if sum(f.get("event") == "token" for f in frames) >= 3:
+                    break
+        stopped = await client.post(f"/chat/{meta['message_id']}/stop")
+        assert stopped.status_code == 200 and stopped.json()["status"] == "stopped"
+        assert engine.requests[0].closed_early  # the engine request was aborted
+        turn = (await client.get(f"/conversations/{meta['conversation_id']}")).json()["turns"][0]
+        partial = turn["answer"]["answer"]
+        assert turn["status"] == "stopped" and partial and long.startswith(partial) and len(partial) < 1000
+        assert "stopped by the user" in turn["answer"]["notes"]
+        tail = parse_sse((await client.get(f"/chat/{meta['message_id']}/events")).text)
+        assert json.loads(tail[-1]["data"])["status"] == "stopped"
+
+
+async def test_a_client_that_goes_away_does_not_stop_the_turn(tokenizer_dir, corpus_backend):
+    memory = LocalMemory()
+    app, _ = app_with(tokenizer_dir, corpus_backend, memory, "Still answered. " * 20 + "<|turn_end|>", delay_s=0.002)
+    async with client_for(app) as client:
+        async with client.stream(
+            "POST", "/chat?websearch=off", json={"message": "q"}, headers={"Accept": "text/event-stream"}
+        ) as response:
+            async for chunk in response.aiter_text():
+                meta = json.loads(parse_sse(chunk)[0]["data"])
+                break  # the client leaves after the first frame
+        for _ in range(200):
+            if (await memory.message_status(meta["message_id"]))[1] != "running":
+                break
+            await asyncio.sleep(0.02)
+        turn = (await client.get(f"/conversations/{meta['conversation_id']}")).json()["turns"][0]
+        assert turn["status"] == "done" and turn["answer"]["answer"].startswith("Still answered.")
+
+
+async def test_one_turn_at_a_time_per_conversation(tokenizer_dir, corpus_backend):
+    app, _ = app_with(tokenizer_dir, corpus_backend, LocalMemory(), "Hi.<|turn_end|>", "Slow. " * 100, delay_s=0.005)
+    async with client_for(app) as client:
+        cid = (await client.post("/chat?websearch=off", json={"message": "q"})).json()["conversation_id"]
+        async with client.stream(
+            "POST",
+            "/chat?websearch=off",
+            json={"message": "again", "conversation_id": cid},
+            headers={"Accept": "text/event-stream"},
+        ) as response:
+            async for _ in response.aiter_text():
+                break
+            busy = await client.post("/chat?websearch=off", json={"message": "third", "conversation_id": cid})
+            assert busy.status_code == 409 and "another question" in busy.json()["detail"]
+
+
+async def test_health_ready_and_redis_down(tokenizer_dir, corpus_backend):
+    app, _ = app_with(tokenizer_dir, corpus_backend, RedisMemory(f"redis://127.0.0.1:{free_port()}/0"))
+    async with client_for(app) as client:
+        assert (await client.get("/healthz")).json() == {"ok": True}
+        ready = await client.get("/readyz")
+        assert ready.status_code == 503 and "Redis is unavailable" in " ".join(ready.json()["problems"])
+        down = await asyncio.wait_for(client.post("/chat", json={"message": "q"}), 10)
+        assert down.status_code == 503 and "memory unavailable" in down.json()["detail"]
+
+
+async def test_readyz_waits_for_the_engine(tokenizer_dir, corpus_backend):
+    class SlowStart(ScriptedEngine):
+        async def start(self):
+            await asyncio.sleep(30)
+
+    engine = SlowStart(tokenizer_dir, [])
+    app = create_app(Settings(), engine=engine, retriever=make_retriever(corpus_backend), memory=LocalMemory())
+    async with app.router.lifespan_context(app):
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+            assert (await client.get("/healthz")).status_code == 200
+            ready = await client.get("/readyz")
+            assert ready.status_code == 503 and ready.json()["problems"] == ["engine loading"]
+            busy = await client.post("/chat", json={"message": "q"})
+            assert busy.status_code == 503 and busy.json()["detail"] == "engine loading"
