@@ -226,6 +226,23 @@ async def cmd_ask(args: argparse.Namespace) -> None:
         note(line)
 
 
+def cmd_serve(args: argparse.Namespace) -> None:
+    import uvicorn
+
+    from api.app import create_app
+    from api.settings import Settings
+
+    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
+    settings = Settings()
+    print(
+        f"megrez-search: serving on http://{args.host}:{args.port} (engine: {settings.engine.backend}, "
+        f"{settings.engine.model}; GET /readyz says when it is loaded)",
+        file=sys.stderr,
+        flush=True,
+    )
+    uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="info")
+
+
 def _read_file(path: str, option: str) -> bytes:
     try:
         return Path(path).read_bytes()
@@ -279,6 +296,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--language", help="answer language, e.g. zh, en (default: the question's)")
     p.add_argument("--json", action="store_true", help="print the structured answer as one JSON object")
     p.set_defaults(func=cmd_ask)
+
+    p = sub.add_parser("serve", help="run the HTTP API (POST /chat with SSE, conversations, health)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("support", help="score claim/passage pairs with the citation support check (JSONL in/out)")
     p.add_argument("--threshold", type=float, help="score below which a claim is unsupported (default: calibrated)")

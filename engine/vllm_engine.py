@@ -9,6 +9,7 @@ bm25s imports) breaks the scan, so the entry module must import the search backe
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Sequence
@@ -87,9 +88,10 @@ class VLLMEngine(Engine):
             enforce_eager=c.enforce_eager,
             **({"limit_mm_per_prompt": c.limit_mm_per_prompt} if c.limit_mm_per_prompt else {}),
         )
-        # Blocks the event loop while the engine processes start (≈30 s on CPU); this runs once, in the
-        # app's lifespan, before any request is served.
-        self._llm = AsyncLLM.from_engine_args(args)
+        # Starting the engine processes and loading weights takes ≈30 s on CPU (minutes for a big model on
+        # GPU) and blocks: it runs in a thread, so the caller's event loop keeps serving (/healthz) meanwhile.
+        # AsyncLLM binds to the running loop only on its first request, so building it off-loop is safe.
+        self._llm = await asyncio.to_thread(AsyncLLM.from_engine_args, args)
         self._stop_ids, self._stop_strings = stop_markers(self._llm.get_tokenizer())
         log.info("vLLM engine ready: %s (stop ids %s, stop strings %s)", c.model, self._stop_ids, self._stop_strings)
 

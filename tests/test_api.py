@@ -210,3 +210,73 @@ async def test_readyz_waits_for_the_engine(tokenizer_dir, corpus_backend):
             assert ready.status_code == 503 and ready.json()["problems"] == ["engine loading"]
             busy = await client.post("/chat", json={"message": "q"})
             assert busy.status_code == 503 and busy.json()["detail"] == "engine loading"
+
+
+async def test_serve_command_answers_health_at_once_and_reports_the_engine(tmp_path):
+    """`megrez-search serve` in a child process: /healthz at once; /readyz names what is missing."""
+    import os
+    import sys
+    from pathlib import Path
+
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MEGREZ_")} | {
+        "MEGREZ_ENGINE__BACKEND": "openai",
+        "MEGREZ_ENGINE__OPENAI_BASE_URL": f"http://127.0.0.1:{free_port()}",  # nothing listens there
+        "MEGREZ_ENGINE__RETRIES": "0",
+        "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+    }
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "api.cli",
+        "serve",
+        "--port",
+        str(port),
+        cwd=tmp_path,
+        env=env,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
+            for _ in range(300):
+                try:
+                    health = await client.get("/healthz")
+                    break
+                except httpx.TransportError:
+                    await asyncio.sleep(0.1)
+            assert health.json() == {"ok": True}
+            for _ in range(100):
+                ready = await client.get("/readyz")
+                if "engine failed to start" in " ".join(ready.json()["problems"]):
+                    break
+                await asyncio.sleep(0.1)
+            assert ready.status_code == 503 and "cannot reach" in " ".join(ready.json()["problems"])
+            chat = await client.post("/chat", json={"message": "q"})
+            assert chat.status_code == 503 and "failed to start" in chat.json()["detail"]
+    finally:
+        proc.terminate()
+        await proc.wait()
+
+
+async def test_a_stream_started_on_one_replica_resumes_on_another(tokenizer_dir, corpus_backend, redis_url):
+    slow = "Replica answer. " * 60 + "<|turn_end|>"
+    first, _ = app_with(tokenizer_dir, corpus_backend, RedisMemory(redis_url), slow, delay_s=0.003)
+    second, _ = app_with(tokenizer_dir, corpus_backend, RedisMemory(redis_url))
+    async with client_for(first) as a, client_for(second) as b:
+        seen = ""
+        async with a.stream(
+            "POST", "/chat?websearch=off", json={"message": "q"}, headers={"Accept": "text/event-stream"}
+        ) as response:
+            async for chunk in response.aiter_text():
+                seen += chunk
+                if sum(f.get("event") == "token" for f in parse_sse(seen)) >= 2:
+                    break  # the connection drops mid-answer
+        frames = parse_sse(seen)
+        complete = frames[:-1] if not seen.endswith("\n\n") else frames  # a cut frame is not counted
+        meta, last = json.loads(complete[0]["data"]), complete[-1]["id"]
+        resumed = parse_sse((await b.get(f"/chat/{meta['message_id']}/events", headers={"Last-Event-ID": last})).text)
+        assert resumed[-1]["event"] == "done"
+        text = "".join(json.loads(f["data"])["text"] for f in complete[1:] + resumed if f["event"] == "token")
+        answer = next(json.loads(f["data"]) for f in resumed if f["event"] == "answer")["answer"]["answer"]
+        assert text == answer == slow.removesuffix("<|turn_end|>")  # every piece exactly once
