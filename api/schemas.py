@@ -14,9 +14,13 @@ from agent.events import Answer, TurnRecord
 
 
 class ChatRequest(BaseModel):
+    """The JSON body of ``POST /chat`` (a multipart form has the same fields, media as file parts)."""
+
     conversation_id: str | None = Field(default=None, description="Continue this conversation; omit to start one.")
-    message: str = Field(min_length=1, max_length=8000, description="The question.")
+    message: str = Field(min_length=1, description="The question (at most MEGREZ_API__MAX_MESSAGE_CHARS).")
     language: str | None = Field(default=None, description="Answer language, e.g. zh, en; default: the question's.")
+    images: list[str] = Field(default=[], description="Images as base64 or data URLs (Megrez-3B-Omni).")
+    audio: list[str] = Field(default=[], description="Audio clips (WAV, FLAC, OGG, MP3) as base64 or data URLs.")
 
 
 class MetaEvent(BaseModel):

@@ -9,6 +9,7 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from agent.config import AgentConfig
+from api.config import ApiConfig
 from engine.config import EngineConfig
 from retrieval.config import FetchConfig, SearchConfig, SelectConfig
 
@@ -24,3 +25,4 @@ class Settings(BaseSettings):
     select: SelectConfig = SelectConfig()
     engine: EngineConfig = EngineConfig()
     agent: AgentConfig = AgentConfig()
+    api: ApiConfig = ApiConfig()

@@ -280,3 +280,73 @@ async def test_a_stream_started_on_one_replica_resumes_on_another(tokenizer_dir,
         text = "".join(json.loads(f["data"])["text"] for f in complete[1:] + resumed if f["event"] == "token")
         answer = next(json.loads(f["data"]) for f in resumed if f["event"] == "answer")["answer"]["answer"]
         assert text == answer == slow.removesuffix("<|turn_end|>")  # every piece exactly once
+
+
+def png(width: int = 64, height: int = 64) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, height), "blue").save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def wav(seconds: float) -> bytes:
+    import io
+
+    import numpy as np
+    import soundfile
+
+    buffer = io.BytesIO()
+    soundfile.write(buffer, np.zeros(int(16000 * seconds), dtype=np.float32), 16000, format="WAV")
+    return buffer.getvalue()
+
+
+async def test_images_as_base64_json_and_as_multipart_reach_the_engine(tokenizer_dir, corpus_backend):
+    import base64
+
+    app, engine = app_with(tokenizer_dir, corpus_backend, LocalMemory(), "Blue.<|turn_end|>", "Blue again.<|turn_end|>")
+    async with client_for(app) as client:
+        data_url = "data:image/png;base64," + base64.b64encode(png()).decode()
+        first = await client.post("/chat?websearch=off", json={"message": "What colour?", "images": [data_url]})
+        assert first.status_code == 200 and first.json()["answer"]["answer"] == "Blue."
+        second = await client.post(
+            "/chat?websearch=off",
+            data={"message": "And now?"},
+            files=[("images", ("a.png", png(80, 40), "image/png"))],
+        )
+        assert second.status_code == 200, second.text
+        assert [r.multimodal["image"][0].size for r in engine.requests] == [(64, 64), (80, 40)]
+        turn = (await client.get(f"/conversations/{first.json()['conversation_id']}")).json()["turns"][0]
+        assert turn["answer"]["answer"] == "Blue."
+        stored = await app.state.services.memory.turns(first.json()["conversation_id"])
+        assert stored[0].record.media[0].kind == "image" and len(stored[0].record.media[0].sha256) == 64
+
+
+async def test_bad_uploads_are_refused_naming_the_item(tokenizer_dir, corpus_backend):
+    import base64
+
+    settings = Settings()
+    settings.api.max_images, settings.api.max_audio_seconds, settings.api.max_body_bytes = 1, 2.0, 200_000
+    engine = ScriptedEngine(tokenizer_dir, [])
+    app = create_app(settings, engine=engine, retriever=make_retriever(corpus_backend), memory=LocalMemory())
+    b64 = lambda data: base64.b64encode(data).decode()  # noqa: E731
+    async with client_for(app) as client:
+        cases = [
+            ({"message": "q", "images": ["%%%"]}, 400, "images[0]: not valid base64"),
+            ({"message": "q", "images": [b64(b"not a png")]}, 400, "images[0]: not an image"),
+            ({"message": "q", "images": [b64(png()), b64(png())]}, 400, "at most 1 allowed"),
+            ({"message": "q", "audio": [b64(wav(3))]}, 400, "audio[0]: 3.0 s is longer than 2 s"),
+            ({"message": "q", "audio": [b64(b"RIFFjunk")]}, 400, "audio[0]: not audio"),
+            ({"message": "x" * 9000}, 413, "at most 8000"),
+            ({"message": "q", "images": ["A" * 300_000]}, 413, "at most 200000"),
+        ]
+        for body, status, message in cases:
+            response = await client.post("/chat", json=body)
+            assert response.status_code == status and message in response.json()["detail"], (body.keys(), response.text)
+        bad_file = await client.post(
+            "/chat", data={"message": "q"}, files=[("images", ("x.png", b"nope", "image/png"))]
+        )
+        assert bad_file.status_code == 400 and "images[0]" in bad_file.json()["detail"]
+    assert engine.requests == []

@@ -12,8 +12,12 @@ import json
 from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Header, HTTPException, Query, Request
+from pydantic import ValidationError
 from sse_starlette.sse import EventSourceResponse
 
+from agent.state import MediaItem
+from api.config import ApiConfig
+from api.media import MediaRejected, check_media, decode_base64
 from api.memory import DONE, Memory
 from api.routes.deps import services, store_errors
 from api.schemas import ChatRequest, ChatResponse, MetaEvent
@@ -39,9 +43,66 @@ async def _sse(memory: Memory, cid: str, mid: str, after: str | None) -> AsyncIt
         yield {"event": event.type, "id": event.id, "data": event.data}
 
 
-@router.post("/chat", response_model=ChatResponse)
+async def _read_request(request: Request, limits: ApiConfig) -> tuple[ChatRequest, list[MediaItem]]:
+    """The request from a JSON body or a multipart form, with its media checked (clear 4xx otherwise)."""
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > limits.max_body_bytes:
+        raise HTTPException(413, f"the request is {length} bytes; at most {limits.max_body_bytes} are accepted")
+    try:
+        if request.headers.get("content-type", "").startswith("multipart/form-data"):
+            form = await request.form(max_files=limits.max_images + limits.max_audio + 1)
+            fields = {k: form[k] for k in ("message", "conversation_id", "language") if isinstance(form.get(k), str)}
+            body = ChatRequest.model_validate(fields)
+            images = [await f.read() for f in form.getlist("images") if not isinstance(f, str)]
+            audio = [await f.read() for f in form.getlist("audio") if not isinstance(f, str)]
+        else:
+            raw = await request.body()
+            if len(raw) > limits.max_body_bytes:
+                raise HTTPException(
+                    413, f"the request is {len(raw)} bytes; at most {limits.max_body_bytes} are accepted"
+                )
+            body = ChatRequest.model_validate_json(raw)
+            images = [decode_base64(v, f"images[{i}]") for i, v in enumerate(body.images)]
+            audio = [decode_base64(v, f"audio[{i}]") for i, v in enumerate(body.audio)]
+        if len(body.message) > limits.max_message_chars:
+            raise HTTPException(
+                413, f"the message has {len(body.message)} characters; at most {limits.max_message_chars}"
+            )
+        return body, check_media(images, audio, limits)
+    except ValidationError as exc:
+        raise HTTPException(422, exc.errors(include_url=False, include_context=False)) from None
+    except MediaRejected as exc:
+        raise HTTPException(400, str(exc)) from None
+
+
+@router.post(
+    "/chat",
+    response_model=ChatResponse,
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {"schema": ChatRequest.model_json_schema()},
+                "multipart/form-data": {
+                    "schema": {
+                        "type": "object",
+                        "description": "message, conversation_id, language; files: images, audio",
+                    }
+                },
+            },
+        },
+        "responses": {
+            "200": {
+                "content": {
+                    "text/event-stream": {
+                        "schema": {"description": "meta, then agent events (agent/events.py), then done"}
+                    }
+                }
+            }
+        },
+    },
+)
 async def chat(
-    body: ChatRequest,
     request: Request,
     websearch: str = Query("auto", description="off, auto (the model decides), always; true = auto, false = off"),
     stream: bool | None = Query(None, description="SSE instead of JSON (also chosen by Accept: text/event-stream)"),
@@ -49,6 +110,7 @@ async def chat(
     """Ask a question: streams the agent's events as SSE, or waits and returns the structured answer."""
     mode = _mode(websearch)
     svc = services(request)
+    body, media = await _read_request(request, svc.settings.api)
     if svc.engine_error:
         raise HTTPException(503, f"the model engine failed to start: {svc.engine_error}")
     if not svc.engine_ready.is_set():
@@ -61,9 +123,11 @@ async def chat(
             history = [t.record for t in await svc.memory.turns(conversation.id) if t.status == "done"]
         else:
             conversation, history = await svc.memory.create_conversation(body.message), []
+        for item in media:
+            await svc.memory.put_media(item.data)  # stored once by content hash; the record keeps the hash
         try:
             mid = await svc.runner.start(
-                conversation.id, body.message, history=history, media=[], mode=mode, language=body.language
+                conversation.id, body.message, history=history, media=media, mode=mode, language=body.language
             )
         except ConversationBusy as exc:
             raise HTTPException(409, str(exc)) from exc
