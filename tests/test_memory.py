@@ -121,3 +121,23 @@ def test_title_keeps_short_questions_and_cuts_long_ones_at_a_word():
     assert title_of("  Hi\tthere ") == "Hi there"
     long = "word " * 40
     assert title_of(long) == ("word " * 16).strip() + "…"
+
+
+async def test_turns_survive_a_redis_restart_and_the_store_reconnects(tmp_path):
+    from tests.net import RedisServer
+
+    server = RedisServer(tmp_path, persist=True).start()
+    memory = RedisMemory(server.url)
+    try:
+        conv = await memory.create_conversation("before the restart")
+        await memory.add_turn(conv.id, turn("before the restart"))
+        server.stop()
+        with pytest.raises(StoreUnavailable):  # down: a clear error at once
+            await asyncio.wait_for(memory.turns(conv.id), 5)
+        server.start()  # same port, same data directory
+        assert [t.record.question for t in await memory.turns(conv.id)] == ["before the restart"]  # nothing lost
+        await memory.add_turn(conv.id, turn("after the restart"))  # the same store object works again
+        assert len(await memory.turns(conv.id)) == 2
+    finally:
+        await memory.aclose()
+        server.stop()
