@@ -69,9 +69,14 @@ class TurnRunner:
         if self.busy(conversation_id):
             raise ConversationBusy(f"conversation {conversation_id} is answering another question")
         mid = new_id()
-        await self.memory.start_message(conversation_id, mid)
-        turn = self.agent.run(question, history=history, media=media, mode=mode, language=language, request_id=mid)
+        # Registered before the first await, so a second request for the conversation sees it busy.
         running = self._running[mid] = _Running(conversation_id)
+        try:
+            await self.memory.start_message(conversation_id, mid)
+        except BaseException:
+            del self._running[mid]
+            raise
+        turn = self.agent.run(question, history=history, media=media, mode=mode, language=language, request_id=mid)
         running.task = asyncio.create_task(self._run(mid, conversation_id, question, turn, running), name=f"turn-{mid}")
         return mid
 

@@ -350,3 +350,14 @@ async def test_bad_uploads_are_refused_naming_the_item(tokenizer_dir, corpus_bac
         )
         assert bad_file.status_code == 400 and "images[0]" in bad_file.json()["detail"]
     assert engine.requests == []
+
+
+async def test_two_simultaneous_questions_in_one_conversation_one_is_refused(tokenizer_dir, corpus_backend):
+    app, _ = app_with(
+        tokenizer_dir, corpus_backend, LocalMemory(), "Hi.<|turn_end|>", "A. " * 50, "B. " * 50, delay_s=0.005
+    )
+    async with client_for(app) as client:
+        cid = (await client.post("/chat?websearch=off", json={"message": "q"})).json()["conversation_id"]
+        body = {"message": "again", "conversation_id": cid}
+        responses = await asyncio.gather(*(client.post("/chat?websearch=off", json=body) for _ in range(2)))
+        assert sorted(r.status_code for r in responses) == [200, 409]
