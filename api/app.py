@@ -16,10 +16,12 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
 
 from agent import Agent
 from api.memory import Memory, make_memory
 from api.routes import chat, conversations, health
+from api.schemas import STREAM_ADAPTER
 from api.settings import Settings
 from api.turns import TurnRunner
 from engine.base import Engine
@@ -88,4 +90,20 @@ def create_app(
     app = FastAPI(title="megrez-search", version="0.1.0", lifespan=lifespan)
     for router in (health.router, chat.router, conversations.router):
         app.include_router(router)
+    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
+
+
+def _openapi(app: FastAPI) -> dict:
+    """FastAPI's schema plus the stream's event models, so clients can be generated for the SSE events too."""
+    if app.openapi_schema is None:
+        schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+        events = STREAM_ADAPTER.json_schema(ref_template="#/components/schemas/{model}")
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        components.update(events.pop("$defs", {}))
+        components["StreamEvent"] = events
+        stream = {"schema": {"$ref": "#/components/schemas/StreamEvent"}}
+        for path, method in (("/chat", "post"), ("/chat/{message_id}/events", "get")):
+            schema["paths"][path][method]["responses"]["200"].setdefault("content", {})["text/event-stream"] = stream
+        app.openapi_schema = schema
+    return app.openapi_schema

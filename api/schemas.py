@@ -6,11 +6,11 @@ Two events exist only on the wire: ``meta`` first (the ids a client needs to res
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, Union
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, TypeAdapter
 
-from agent.events import Answer, TurnRecord
+from agent.events import Answer, Event, TurnRecord
 
 
 class ChatRequest(BaseModel):
@@ -32,6 +32,11 @@ class MetaEvent(BaseModel):
 class DoneEvent(BaseModel):
     type: Literal["done"] = "done"
     status: Literal["done", "stopped", "failed", "running"]
+
+
+# Everything an SSE stream carries: ``meta``, the agent's events, ``done`` (for the OpenAPI schema and clients).
+StreamEvent = Union[MetaEvent, Event, DoneEvent]  # noqa: UP007 - Event is an Annotated union
+STREAM_ADAPTER: TypeAdapter[StreamEvent] = TypeAdapter(StreamEvent)
 
 
 class ChatResponse(BaseModel):

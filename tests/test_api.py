@@ -361,3 +361,15 @@ async def test_two_simultaneous_questions_in_one_conversation_one_is_refused(tok
         body = {"message": "again", "conversation_id": cid}
         responses = await asyncio.gather(*(client.post("/chat?websearch=off", json=body) for _ in range(2)))
         assert sorted(r.status_code for r in responses) == [200, 409]
+
+
+async def test_openapi_documents_the_stream_events(tokenizer_dir, corpus_backend):
+    app, _ = app_with(tokenizer_dir, corpus_backend, LocalMemory())
+    async with client_for(app) as client:
+        schema = (await client.get("/openapi.json")).json()
+    components = schema["components"]["schemas"]
+    assert {"MetaEvent", "TokenEvent", "SourcesEvent", "AnswerEvent", "DoneEvent", "PageEvent"} <= set(components)
+    for path, method in (("/chat", "post"), ("/chat/{message_id}/events", "get")):
+        content = schema["paths"][path][method]["responses"]["200"]["content"]
+        assert content["text/event-stream"]["schema"] == {"$ref": "#/components/schemas/StreamEvent"}
+    assert "multipart/form-data" in schema["paths"]["/chat"]["post"]["requestBody"]["content"]

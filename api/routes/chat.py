@@ -91,15 +91,6 @@ async def _read_request(request: Request, limits: ApiConfig) -> tuple[ChatReques
                 },
             },
         },
-        "responses": {
-            "200": {
-                "content": {
-                    "text/event-stream": {
-                        "schema": {"description": "meta, then agent events (agent/events.py), then done"}
-                    }
-                }
-            }
-        },
     },
 )
 async def chat(
