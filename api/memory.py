@@ -112,6 +112,7 @@ class Memory(Protocol):
 class _LocalMessage:
     conversation_id: str
     status: MessageStatus = "running"
+    ended: float | None = None  # time.monotonic() at the end, for expiry
     events: list[StoredEvent] = field(default_factory=list)
     changed: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -125,7 +126,8 @@ class LocalMemory:
         conv = await memory.create_conversation("Who designed the Eiffel Tower?")
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, stream_ttl_s: int = 3600) -> None:
+        self.stream_ttl_s = stream_ttl_s  # ended messages' streams are dropped after this, as in Redis
         self._conversations: dict[str, Conversation] = {}
         self._turns: dict[str, list[StoredTurn]] = {}
         self._messages: dict[str, _LocalMessage] = {}
@@ -160,6 +162,9 @@ class LocalMemory:
         self._conversations[cid] = conv.model_copy(update={"updated": time.time()})
 
     async def start_message(self, cid: str, mid: str) -> None:
+        cutoff = time.monotonic() - self.stream_ttl_s
+        for old in [m for m, msg in self._messages.items() if msg.ended is not None and msg.ended < cutoff]:
+            del self._messages[old]
         self._messages[mid] = _LocalMessage(cid)
 
     async def message_status(self, mid: str) -> tuple[str, MessageStatus] | None:
@@ -177,6 +182,7 @@ class LocalMemory:
     async def end_message(self, mid: str, status: MessageStatus) -> str:
         event_id = await self.append_event(mid, DONE, json.dumps({"type": DONE, "status": status}))
         self._messages[mid].status = status
+        self._messages[mid].ended = time.monotonic()
         return event_id
 
     async def events(self, mid: str, after: str | None = None) -> AsyncIterator[StoredEvent]:

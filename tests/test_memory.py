@@ -141,3 +141,12 @@ async def test_turns_survive_a_redis_restart_and_the_store_reconnects(tmp_path):
     finally:
         await memory.aclose()
         server.stop()
+
+
+async def test_local_streams_expire_like_redis_ones():
+    memory = LocalMemory(stream_ttl_s=0)
+    conv = await memory.create_conversation("q")
+    await memory.start_message(conv.id, "old")
+    await memory.end_message("old", "done")
+    await memory.start_message(conv.id, "new")  # starting a message drops ended streams past their lifetime
+    assert await memory.message_status("old") is None and await memory.message_status("new") == (conv.id, "running")
