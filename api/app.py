@@ -60,7 +60,8 @@ def create_app(
     retriever: Retriever | None = None,
     memory: Memory | None = None,
 ) -> FastAPI:
-    """The app; any of ``engine``, ``retriever``, ``memory`` may be given (tests), else built from settings."""
+    """The app; any of ``engine``, ``retriever``, ``memory`` may be given (tests, or a host program that shares
+    them), else built from settings. The app starts a given engine if needed and closes only what it built."""
     settings = settings or Settings()
 
     @contextlib.asynccontextmanager
@@ -83,9 +84,13 @@ def create_app(
             starting.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await starting
-            await the_engine.shutdown()
-            await the_retriever.aclose()
-            await the_memory.aclose()
+            # Close what this app built; what the caller handed in is the caller's to close.
+            if engine is None:
+                await the_engine.shutdown()
+            if retriever is None:
+                await the_retriever.aclose()
+            if memory is None:
+                await the_memory.aclose()
 
     app = FastAPI(title="megrez-search", version="0.1.0", lifespan=lifespan)
     for router in (health.router, chat.router, conversations.router):

@@ -373,3 +373,28 @@ async def test_openapi_documents_the_stream_events(tokenizer_dir, corpus_backend
         content = schema["paths"][path][method]["responses"]["200"]["content"]
         assert content["text/event-stream"]["schema"] == {"$ref": "#/components/schemas/StreamEvent"}
     assert "multipart/form-data" in schema["paths"]["/chat"]["post"]["requestBody"]["content"]
+
+
+async def test_a_turn_through_the_real_tiny_vllm_engine(tiny_engine, fixture_web, fixture_search):
+    from retrieval.config import SelectConfig
+    from retrieval.fetch import Fetcher
+    from retrieval.pipeline import Retriever
+    from retrieval.search.chain import SearchChain
+    from scripts.fixture_web import WebSearch
+
+    retriever = Retriever(SearchChain([WebSearch(fixture_search)]), Fetcher(fixture_web.fetch_config()), SelectConfig())
+    settings = Settings(agent=AgentConfig(answer_tokens=32, related_tokens=32))
+    app = create_app(settings, engine=tiny_engine, retriever=retriever, memory=LocalMemory())
+    async with client_for(app) as client:
+        response = await client.post(
+            "/chat?websearch=always",
+            json={"message": "Which city is the Eiffel Tower in?"},
+            headers={"Accept": "text/event-stream"},
+        )
+        frames = parse_sse(response.text)
+        types = [f["event"] for f in frames]
+        assert types[0] == "meta" and types[-1] == "done" and "answer" in types and "sources" in types
+        answer = json.loads(next(f["data"] for f in frames if f["event"] == "answer"))["answer"]
+        assert answer["searched"] and answer["answer"]
+    assert tiny_engine.llm.get_num_unfinished_requests() == 0
+    await retriever.aclose()
