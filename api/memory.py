@@ -228,10 +228,21 @@ class RedisMemory:
         await memory.ping()  # raises StoreUnavailable when Redis is down
     """
 
-    def __init__(self, url: str, *, conversation_ttl_s: int = 30 * 86400, stream_ttl_s: int = 3600) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        conversation_ttl_s: int = 30 * 86400,
+        stream_ttl_s: int = 3600,
+        max_connections: int = 8192,
+    ) -> None:
         import redis.asyncio as redis
 
-        self._redis = redis.from_url(url, decode_responses=True, health_check_interval=15)
+        # Every live stream follower holds a connection during its blocking XREAD: redis-py's default pool
+        # of 100 would refuse the 101st open stream (Redis itself allows 10,000 clients by default).
+        self._redis = redis.from_url(
+            url, decode_responses=True, health_check_interval=15, max_connections=max_connections
+        )
         self._media_redis = redis.from_url(url, decode_responses=False)
         self.conversation_ttl_s = conversation_ttl_s
         self.stream_ttl_s = stream_ttl_s

@@ -1,0 +1,220 @@
+"""Many concurrent SSE streams through the real app: delay the service adds to each token event.
+
+The server runs in its own process (uvicorn on 127.0.0.1, the real app, a scripted engine streaming
+``--tokens`` chunks at one every ``--pace-ms``, search off so the stream is all tokens, a real
+``redis-server`` of its own for memory). This process opens N streams at once with httpx and
+records when each token event arrives. For token i of a stream, the *added delay* is how much
+later than the engine's own pace it came, against the stream's most punctual token:
+``(t_i - i · pace) - min_j (t_j - j · pace)``. Also: events per second,
+server memory per open stream (RSS during the run minus before, over N), and lost or reordered
+events (every stream's token text must equal the scripted answer, its ids strictly increasing).
+The JSON route (no stream) runs the same N turns in the same run, for comparison.
+
+    .venv/bin/python -m bench.api [--streams 100 500 1000] [--tokens 40] [--pace-ms 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+ANSWER_PIECE = "word "
+
+
+def serve(port: int, redis_port: int, tokens: int, pace_ms: float) -> None:
+    """The server process: the app with a scripted engine and Redis memory."""
+    import uvicorn
+
+    from agent.config import AgentConfig
+    from api.app import create_app
+    from api.memory import RedisMemory
+    from api.settings import Settings
+    from retrieval.config import FetchConfig, SelectConfig
+    from retrieval.fetch import Fetcher
+    from retrieval.pipeline import Retriever
+    from retrieval.search.chain import SearchChain
+    from scripts.megrez_tokenizer import build_megrez_tokenizer
+    from scripts.scripted_engine import ScriptedEngine
+
+    folder = Path(tempfile.mkdtemp())
+    build_megrez_tokenizer(folder)
+    engine = ScriptedEngine(folder, default=ANSWER_PIECE * tokens + "<|turn_end|>", chunk_chars=len(ANSWER_PIECE))
+    engine.delay_s = pace_ms / 1000
+    engine.requests = _Discard()  # a long run must not keep every request
+    settings = Settings(agent=AgentConfig(related=False, answer_tokens=max(64, tokens * 4)))
+    retriever = Retriever(SearchChain([]), Fetcher(FetchConfig()), SelectConfig())
+    app = create_app(
+        settings, engine=engine, retriever=retriever, memory=RedisMemory(f"redis://127.0.0.1:{redis_port}/0")
+    )
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", backlog=4096)
+
+
+class _Discard(list):
+    def append(self, item) -> None:
+        pass
+
+
+async def one_stream(client: httpx.AsyncClient, expected: str, pace_s: float, delays: list[float]) -> bool:
+    """One SSE turn; appends each token's added delay; True when nothing was lost or reordered."""
+    text, ids, arrivals = "", [], []
+    async with client.stream(
+        "POST", "/chat?websearch=off", json={"message": "q"}, headers={"Accept": "text/event-stream"}
+    ) as response:
+        event = None
+        async for line in response.aiter_lines():
+            if line.startswith("event:"):
+                event = line[6:].strip()
+            elif line.startswith("id:"):
+                ids.append(line[3:].strip())
+            elif line.startswith("data:") and event == "token":
+                arrivals.append(time.perf_counter())
+                text += json.loads(line[5:])["text"]
+    # Each token's time less the engine's pace, against the stream's most punctual token: how late it came.
+    offsets = [t - i * pace_s for i, t in enumerate(arrivals)]
+    delays += [o - min(offsets) for o in offsets]
+    ordered = [tuple(map(int, i.split("-"))) for i in ids[1:]]  # after meta's 0-0
+    return text == expected and ordered == sorted(ordered) and len(set(ordered)) == len(ordered)
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+async def run_level(url: str, pid: int, streams: int, tokens: int, pace_s: float) -> dict:
+    expected = ANSWER_PIECE * tokens
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
+        before = rss_kib(pid)
+        delays: list[float] = []
+        peak = [before]
+
+        async def sample() -> None:
+            while True:
+                peak[0] = max(peak[0], rss_kib(pid))
+                await asyncio.sleep(0.2)
+
+        sampler = asyncio.create_task(sample())
+        began = time.perf_counter()
+        ok = await asyncio.gather(*(one_stream(client, expected, pace_s, delays) for _ in range(streams)))
+        elapsed = time.perf_counter() - began
+        sampler.cancel()
+        began = time.perf_counter()
+        answers = await asyncio.gather(
+            *(client.post("/chat?websearch=off", json={"message": "q"}) for _ in range(streams))
+        )
+        json_elapsed = time.perf_counter() - began
+    delays.sort()
+    return {
+        "streams": streams,
+        "events_per_s": len(delays) / elapsed,
+        "p50_ms": 1000 * delays[len(delays) // 2],
+        "p99_ms": 1000 * delays[int(len(delays) * 0.99)],
+        "kib_per_stream": (peak[0] - before) / streams,
+        "bad_streams": ok.count(False),
+        "wall_s": elapsed,
+        "json_wall_s": json_elapsed,
+        "json_ok": sum(r.status_code == 200 and r.json()["answer"]["answer"] == expected for r in answers),
+    }
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def main_async(args: argparse.Namespace) -> None:
+    redis_port, port = free_port(), free_port()
+    redis_dir = tempfile.mkdtemp()
+    redis = subprocess.Popen(
+        [
+            shutil.which("redis-server") or "redis-server",
+            "--port",
+            str(redis_port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            redis_dir,
+        ],
+        stdout=subprocess.DEVNULL,
+    )
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "bench.api",
+            "--serve",
+            str(port),
+            "--redis-port",
+            str(redis_port),
+            "--tokens",
+            str(args.tokens),
+            "--pace-ms",
+            str(args.pace_ms),
+        ],
+        env=os.environ | {"PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        async with httpx.AsyncClient(base_url=url) as probe:
+            for _ in range(600):
+                try:
+                    if (await probe.get("/readyz")).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                await asyncio.sleep(0.1)
+        rows = [await run_level(url, server.pid, n, args.tokens, args.pace_ms / 1000) for n in args.streams]
+    finally:
+        server.terminate()
+        server.wait(10)
+        redis.terminate()
+        redis.wait(10)
+    print(f"scripted engine: {args.tokens} token events per turn, one every {args.pace_ms:g} ms; Redis memory; 2 cores")
+    print(
+        "| streams | token events/s | added delay p50 / p99 | server memory per stream | lost or reordered | SSE wall | JSON route wall (all correct) |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(
+            f"| {r['streams']} | {r['events_per_s']:.0f} | {r['p50_ms']:.1f} / {r['p99_ms']:.1f} ms "
+            f"| {r['kib_per_stream']:.0f} KiB | {r['bad_streams']} | {r['wall_s']:.1f} s "
+            f"| {r['json_wall_s']:.1f} s ({r['json_ok']}/{r['streams']}) |"
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--streams", type=int, nargs="+", default=[100, 500, 1000])
+    parser.add_argument("--tokens", type=int, default=40)
+    parser.add_argument("--pace-ms", type=float, default=20.0)
+    parser.add_argument("--serve", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--redis-port", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.serve:
+        serve(args.serve, args.redis_port, args.tokens, args.pace_ms)
+    else:
+        asyncio.run(main_async(args))
+
+
+if __name__ == "__main__":
+    main()
