@@ -150,3 +150,22 @@ async def test_local_streams_expire_like_redis_ones():
     await memory.end_message("old", "done")
     await memory.start_message(conv.id, "new")  # starting a message drops ended streams past their lifetime
     assert await memory.message_status("old") is None and await memory.message_status("new") == (conv.id, "running")
+
+
+async def test_more_live_followers_than_redis_pys_default_pool(redis_url):
+    memory = RedisMemory(redis_url)
+    conv = await memory.create_conversation("q")
+    mids = [f"many-{i}" for i in range(150)]  # each follower blocks on its own connection
+    for mid in mids:
+        await memory.start_message(conv.id, mid)
+
+    async def follow(mid):
+        return [e.type async for e in memory.events(mid)]
+
+    followers = [asyncio.create_task(follow(mid)) for mid in mids]
+    await asyncio.sleep(0.2)
+    for mid in mids:
+        await memory.append_event(mid, "token", "{}")
+        await memory.end_message(mid, "done")
+    assert await asyncio.wait_for(asyncio.gather(*followers), 20) == [["token", DONE]] * len(mids)
+    await memory.aclose()
