@@ -17,6 +17,7 @@ because Chinese has no spaces and word counts would call a long article short.
 from __future__ import annotations
 
 import re
+import threading
 from copy import deepcopy
 from dataclasses import dataclass
 
@@ -289,14 +290,23 @@ def _parse(html: str) -> etree._Element | None:
         return None
 
 
+# One extraction at a time in the process. trafilatura and htmldate keep compiled lxml XPath objects
+# and cleaners at module level, and lxml's XPath objects are not thread-safe: two fetch worker threads
+# extracting at once crashed the interpreter (SIGABRT in libxml2 during htmldate's deepcopy while
+# trafilatura pruned another tree). Extraction holds the GIL for most of its time anyway, so on a few
+# cores serialising it costs little.
+_EXTRACTION = threading.Lock()
+
+
 def extract(html: str | bytes, url: str | None = None) -> Extracted:
     try:
         if isinstance(html, bytes):
             html = decode_body(html)
-        tree = _parse(html)
-        if tree is None:
-            return Extracted(title="", text="")
-        return _extract(tree, url)
+        with _EXTRACTION:
+            tree = _parse(html)
+            if tree is None:
+                return Extracted(title="", text="")
+            return _extract(tree, url)
     except Exception:  # noqa: BLE001 -- garbage input must degrade to "no text", never break a search
         return Extracted(title="", text="")
 
