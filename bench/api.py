@@ -19,7 +19,6 @@ import argparse
 import asyncio
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -27,6 +26,8 @@ import time
 from pathlib import Path
 
 import httpx
+
+from scripts.net import RedisServer, free_port
 
 ANSWER_PIECE = "word "
 
@@ -130,33 +131,9 @@ async def run_level(url: str, pid: int, streams: int, tokens: int, pace_s: float
     }
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 async def main_async(args: argparse.Namespace) -> None:
-    redis_port, port = free_port(), free_port()
-    redis_dir = tempfile.mkdtemp()
-    redis = subprocess.Popen(
-        [
-            shutil.which("redis-server") or "redis-server",
-            "--port",
-            str(redis_port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            redis_dir,
-        ],
-        stdout=subprocess.DEVNULL,
-    )
+    port = free_port()
+    redis = RedisServer(Path(tempfile.mkdtemp())).start()
     server = subprocess.Popen(
         [
             sys.executable,
@@ -165,7 +142,7 @@ async def main_async(args: argparse.Namespace) -> None:
             "--serve",
             str(port),
             "--redis-port",
-            str(redis_port),
+            str(redis.port),
             "--tokens",
             str(args.tokens),
             "--pace-ms",
@@ -187,11 +164,11 @@ async def main_async(args: argparse.Namespace) -> None:
     finally:
         server.terminate()
         server.wait(10)
-        redis.terminate()
-        redis.wait(10)
+        redis.stop()
     print(f"scripted engine: {args.tokens} token events per turn, one every {args.pace_ms:g} ms; Redis memory; 2 cores")
     print(
-        "| streams | token events/s | added delay p50 / p99 | server memory per stream | lost or reordered | SSE wall | JSON route wall (all correct) |"
+        "| streams | token events/s | added delay p50 / p99 | server memory per stream | lost or reordered "
+        "| SSE wall | JSON route wall (all correct) |"
     )
     print("|---|---|---|---|---|---|---|")
     for r in rows:

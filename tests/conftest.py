@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.net import RedisServer
+from scripts.net import RedisServer
 
 # The session's one embedded vLLM engine (tiny_engine) and tiny checkpoints; the agent tests' corpus and tokenizer.
 pytest_plugins = ["tests.tiny_models", "tests.agent_fixtures"]

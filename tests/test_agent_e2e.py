@@ -102,7 +102,7 @@ async def test_ask_command_against_a_remote_engine_with_a_local_corpus(remote_ur
 
 
 async def test_ask_command_reports_an_unreachable_engine(tmp_path):
-    from tests.net import free_port
+    from scripts.net import free_port
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("MEGREZ_")} | {
         "MEGREZ_ENGINE__BACKEND": "openai",

@@ -14,9 +14,9 @@ from agent.events import EVENT_ADAPTER
 from api.app import create_app
 from api.memory import LocalMemory, RedisMemory
 from api.settings import Settings
+from scripts.net import free_port
 from scripts.scripted_engine import ScriptedEngine
 from tests.agent_fixtures import call, make_retriever
-from tests.net import free_port
 from tests.tiny_models import serve_in_process
 
 ANSWER = "Gustave Eiffel's company designed it [citation:1].<|turn_end|>"

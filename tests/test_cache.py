@@ -1,7 +1,5 @@
 import asyncio
 
-import pytest
-
 from retrieval.cache import MemoryCache, RedisCache, make_cache
 
 

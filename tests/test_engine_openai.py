@@ -20,7 +20,7 @@ from engine.openai_engine import OpenAIEngine, server_root
 from engine.parser import FunctionCallEvent, parse_forced_call
 from engine.protocol import FORCED_SEARCH_REGEX, Message, PromptEncoder
 from engine.vllm_engine import VLLMEngine
-from tests.net import free_port
+from scripts.net import free_port
 from tests.tiny_models import serve_in_process
 
 SERVED = "megrez-tiny"

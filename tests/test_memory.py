@@ -9,7 +9,7 @@ import pytest
 
 from agent.events import Answer, TranscriptMessage, TurnRecord
 from api.memory import DONE, LocalMemory, RedisMemory, StoredTurn, StoreUnavailable, title_of
-from tests.net import free_port
+from scripts.net import free_port
 
 
 @pytest.fixture(params=["local", "redis"])
@@ -124,7 +124,7 @@ def test_title_keeps_short_questions_and_cuts_long_ones_at_a_word():
 
 
 async def test_turns_survive_a_redis_restart_and_the_store_reconnects(tmp_path):
-    from tests.net import RedisServer
+    from scripts.net import RedisServer
 
     server = RedisServer(tmp_path, persist=True).start()
     memory = RedisMemory(server.url)

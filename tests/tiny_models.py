@@ -25,7 +25,7 @@ import pytest_asyncio
 
 from engine.config import EngineConfig
 from scripts.megrez_tokenizer import MEGREZ_SPECIAL_TOKENS, build_megrez_tokenizer
-from tests.net import free_port
+from scripts.net import free_port
 
 if TYPE_CHECKING:
     from fastapi import FastAPI

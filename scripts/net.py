@@ -1,4 +1,4 @@
-"""Local networking helpers for tests."""
+"""Local networking helpers for tests and benchmarks: free ports, a private redis-server."""
 
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ class RedisServer:
     def start(self) -> RedisServer:
         exe = shutil.which("redis-server")
         if exe is None:
-            raise RuntimeError("redis-server is not installed; the test command installs it (make test)")
+            raise RuntimeError("redis-server is not installed (make test installs it; apt-get install redis-server)")
         args = [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--dir", str(self.workdir)]
         args += ["--appendonly", "yes", "--appendfsync", "always"] if self.persist else ["--appendonly", "no"]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
