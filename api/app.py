@@ -77,13 +77,15 @@ def create_app(
         services = Services(settings, the_engine, the_retriever, the_memory, TurnRunner(agent, the_memory))
         app.state.services = services
         starting = asyncio.create_task(services._start_engine())
+        listening = asyncio.create_task(services.runner.listen())  # stops asked on other replicas
         try:
             yield
         finally:
             await services.runner.aclose()
-            starting.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await starting
+            for task in (starting, listening):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             # Close what this app built; what the caller handed in is the caller's to close.
             if engine is None:
                 await the_engine.shutdown()

@@ -1,42 +1,32 @@
-"""Conversation memory and per-message event streams: Redis when configured, else in-process.
+"""Conversation memory and per-message event streams: the interface, and the in-process store.
 
-What is kept, and where (Redis; every key under ``megrez:``):
+Two stores share one interface (:class:`Memory`): :class:`api.redis_memory.RedisMemory` when
+``MEGREZ_REDIS_URL`` is set (its module docstring holds the key schema), else :class:`LocalMemory`
+(one process; nothing survives a restart).
 
-=================================  ======  ===============================================================
-key                                type    what
-=================================  ======  ===============================================================
-``megrez:conv:{cid}``              hash    ``id``, ``title`` (first question, trimmed), ``created``, ``updated``
-``megrez:conv:{cid}:turns``        list    one JSON :class:`StoredTurn` per turn, oldest first
-``megrez:convs``                   zset    conversation ids scored by last update (newest first listing)
-``megrez:msg:{mid}``               hash    ``conversation_id``, ``status`` (running/done/stopped/failed)
-``megrez:msg:{mid}:events``        stream  the message's events, in order: fields ``type`` and ``data`` (JSON)
-``megrez:media:{sha256}``          string  an uploaded image or clip, stored once by content hash
-=================================  ======  ===============================================================
+A message's events form a stream with ids a client sends back as ``Last-Event-ID``. The stream's
+last event is always ``done`` (``{"type": "done", "status": …}``, written by ``end_message``).
+Events are appended in batches (``append_events``): the turn runner hands over whatever piled up
+while the previous write was in flight, so a loaded store sees one write per batch, not per token.
 
-Lifetimes: conversations (hash, turns, media) live ``conversation_ttl_s`` (default 30 days) from
-their last write; a message's event stream and status ``stream_ttl_s`` (default 1 hour), long enough
-to resume, not to archive (the turn itself is in the conversation).
+Followers in the process that runs the turn read a :class:`LiveStream` (the events in memory, with
+the store's ids): no store round trip per event per follower. Both stores keep one for every message
+they started; Redis also has the stream for followers on other replicas and for resumes later.
 
-A turn is written **atomically** (one MULTI/EXEC): the turn, the conversation's ``updated`` and
-title, its place in the listing and the renewed TTLs land together or not at all, so a crash never
-leaves half a turn. Events are appended with ``XADD``, the last one always ``done`` (``{"type": "done", "status": …}``,
-written by :meth:`end_message`); a reader resumes after the id it last saw (the SSE ``Last-Event-ID``)
-and follows live with blocking ``XREAD`` until ``done`` — from any replica sharing the Redis.
-
-Failures: a Redis error raises :class:`StoreUnavailable` (the API answers 503 at once); the client
-reconnects by itself on the next call, so the service works again without a restart when Redis is back.
-
-:class:`LocalMemory` keeps the same data in process (one process only; nothing survives a restart).
+One turn at a time per conversation: ``start_message`` raises :class:`ConversationBusy` while another
+message of the conversation runs (in Redis, across replicas). Stop requests reach the replica that runs
+the turn through ``request_stop`` / ``stop_requests``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import bisect
 import hashlib
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
@@ -47,11 +37,14 @@ from agent.events import TurnRecord
 MessageStatus = Literal["running", "done", "stopped", "failed"]
 DONE = "done"  # the last event of every message stream: {"type": "done", "status": ...}
 TITLE_CHARS = 80
-FOLLOW_BLOCK_MS = 15_000  # one blocking read; the follower loops (and the SSE layer sends heartbeats)
 
 
 class StoreUnavailable(RuntimeError):
     """The memory store (Redis) cannot be reached; nothing was written."""
+
+
+class ConversationBusy(RuntimeError):
+    """A turn of this conversation is still running."""
 
 
 class Conversation(BaseModel):
@@ -89,8 +82,20 @@ def new_id() -> str:
     return uuid.uuid4().hex
 
 
+def event_id_key(event_id: str) -> tuple[int, int]:
+    """A stream id (``<ms>-<seq>``, as Redis writes them) as a sortable pair; ``ValueError`` if it is not one."""
+    ms, sep, seq = event_id.partition("-")
+    if not (sep and ms.isascii() and seq.isascii() and ms.isdigit() and seq.isdigit()):
+        raise ValueError(f"not an event id: {event_id!r} (ids look like 1700000000000-0)")
+    return int(ms), int(seq)
+
+
+def done_data(status: MessageStatus) -> str:
+    return json.dumps({"type": DONE, "status": status})
+
+
 class Memory(Protocol):
-    """What the service needs from a store (see the module docstring for the data)."""
+    """What the service needs from a store (see the module docstring, and ``api/redis_memory.py`` for the keys)."""
 
     async def ping(self) -> None: ...
     async def create_conversation(self, question: str) -> Conversation: ...
@@ -101,20 +106,57 @@ class Memory(Protocol):
     async def add_turn(self, cid: str, turn: StoredTurn) -> None: ...
     async def start_message(self, cid: str, mid: str) -> None: ...
     async def message_status(self, mid: str) -> tuple[str, MessageStatus] | None: ...
-    async def append_event(self, mid: str, type_: str, data: str) -> str: ...
+    async def append_events(self, mid: str, events: Sequence[tuple[str, str]]) -> list[str]: ...
     async def end_message(self, mid: str, status: MessageStatus) -> str: ...
     def events(self, mid: str, after: str | None = None) -> AsyncIterator[StoredEvent]: ...
+    async def request_stop(self, mid: str) -> None: ...
+    def stop_requests(self) -> AsyncIterator[str]: ...
     async def put_media(self, data: bytes) -> str: ...
     async def aclose(self) -> None: ...
 
 
 @dataclass
-class _LocalMessage:
+class LiveStream:
+    """A message's events in this process, as the store numbered them; followers wait on ``changed``.
+
+    Example::
+
+        live = LiveStream("c1")
+        live.add([StoredEvent("1-0", "token", '{"text": "Hi"}')])
+        async for event in live.follow(after=None): ...  # ends after the done event
+    """
+
     conversation_id: str
     status: MessageStatus = "running"
     ended: float | None = None  # time.monotonic() at the end, for expiry
     events: list[StoredEvent] = field(default_factory=list)
     changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def add(self, events: Sequence[StoredEvent]) -> None:
+        self.events.extend(events)
+        self.changed.set()
+        self.changed = asyncio.Event()  # followers wait on the next one
+
+    def end(self, event: StoredEvent, status: MessageStatus) -> None:
+        self.status, self.ended = status, time.monotonic()
+        self.add([event])
+
+    async def follow(self, after: str | None) -> AsyncIterator[StoredEvent]:
+        """The events after id ``after`` (all if ``None``), then live ones until ``done``."""
+        position = (
+            0 if after is None else bisect.bisect_right([event_id_key(e.id) for e in self.events], event_id_key(after))
+        )
+        while True:
+            changed = self.changed
+            while position < len(self.events):
+                event = self.events[position]
+                yield event
+                position += 1
+                if event.type == DONE:
+                    return
+            if self.status != "running":
+                return
+            await changed.wait()
 
 
 class LocalMemory:
@@ -130,7 +172,8 @@ class LocalMemory:
         self.stream_ttl_s = stream_ttl_s  # ended messages' streams are dropped after this, as in Redis
         self._conversations: dict[str, Conversation] = {}
         self._turns: dict[str, list[StoredTurn]] = {}
-        self._messages: dict[str, _LocalMessage] = {}
+        self._messages: dict[str, LiveStream] = {}
+        self._running: dict[str, str] = {}  # conversation id → its running message
         self._media: dict[str, bytes] = {}
 
     async def ping(self) -> None:
@@ -162,45 +205,45 @@ class LocalMemory:
         self._conversations[cid] = conv.model_copy(update={"updated": time.time()})
 
     async def start_message(self, cid: str, mid: str) -> None:
+        if cid in self._running:
+            raise ConversationBusy(f"conversation {cid} is answering another question")
         cutoff = time.monotonic() - self.stream_ttl_s
         for old in [m for m, msg in self._messages.items() if msg.ended is not None and msg.ended < cutoff]:
             del self._messages[old]
-        self._messages[mid] = _LocalMessage(cid)
+        self._messages[mid] = LiveStream(cid)
+        self._running[cid] = mid
 
     async def message_status(self, mid: str) -> tuple[str, MessageStatus] | None:
         message = self._messages.get(mid)
         return None if message is None else (message.conversation_id, message.status)
 
-    async def append_event(self, mid: str, type_: str, data: str) -> str:
+    async def append_events(self, mid: str, events: Sequence[tuple[str, str]]) -> list[str]:
         message = self._messages[mid]
-        event = StoredEvent(f"{len(message.events) + 1}-0", type_, data)
-        message.events.append(event)
-        message.changed.set()
-        message.changed = asyncio.Event()  # followers wait on the next one
-        return event.id
+        first = len(message.events) + 1
+        stored = [StoredEvent(f"{first + i}-0", type_, data) for i, (type_, data) in enumerate(events)]
+        message.add(stored)
+        return [e.id for e in stored]
 
     async def end_message(self, mid: str, status: MessageStatus) -> str:
-        event_id = await self.append_event(mid, DONE, json.dumps({"type": DONE, "status": status}))
-        self._messages[mid].status = status
-        self._messages[mid].ended = time.monotonic()
-        return event_id
+        message = self._messages[mid]
+        event = StoredEvent(f"{len(message.events) + 1}-0", DONE, done_data(status))
+        message.end(event, status)
+        if self._running.get(message.conversation_id) == mid:
+            del self._running[message.conversation_id]
+        return event.id
 
     async def events(self, mid: str, after: str | None = None) -> AsyncIterator[StoredEvent]:
         message = self._messages.get(mid)
-        if message is None:
-            return
-        position = _local_position(after)
-        while True:
-            changed = message.changed
-            while position < len(message.events):
-                event = message.events[position]
+        if message is not None:
+            async for event in message.follow(after):
                 yield event
-                position += 1
-                if event.type == DONE:
-                    return
-            if message.status != "running":
-                return
-            await changed.wait()
+
+    async def request_stop(self, mid: str) -> None:
+        return None  # one process: the runner that owns the turn is the one that was asked
+
+    async def stop_requests(self) -> AsyncIterator[str]:
+        await asyncio.Event().wait()  # none ever come from elsewhere
+        yield ""  # pragma: no cover (makes this an async generator)
 
     async def put_media(self, data: bytes) -> str:
         digest = hashlib.sha256(data).hexdigest()
@@ -211,152 +254,10 @@ class LocalMemory:
         return None
 
 
-def _local_position(after: str | None) -> int:
-    """Events after ``after`` (ids are ``N-0``, N from 1); anything unreadable replays from the start."""
-    try:
-        return max(0, int((after or "0").split("-")[0]))
-    except ValueError:
-        return 0
-
-
-class RedisMemory:
-    """The :class:`Memory` interface on Redis (redis-py asyncio); see the module docstring for the keys.
-
-    Example::
-
-        memory = RedisMemory("redis://localhost:6379/0")
-        await memory.ping()  # raises StoreUnavailable when Redis is down
-    """
-
-    def __init__(
-        self,
-        url: str,
-        *,
-        conversation_ttl_s: int = 30 * 86400,
-        stream_ttl_s: int = 3600,
-        max_connections: int = 8192,
-    ) -> None:
-        import redis.asyncio as redis
-
-        # Every live stream follower holds a connection during its blocking XREAD: redis-py's default pool
-        # of 100 would refuse the 101st open stream (Redis itself allows 10,000 clients by default).
-        self._redis = redis.from_url(
-            url, decode_responses=True, health_check_interval=15, max_connections=max_connections
-        )
-        self._media_redis = redis.from_url(url, decode_responses=False)
-        self.conversation_ttl_s = conversation_ttl_s
-        self.stream_ttl_s = stream_ttl_s
-
-    async def _call(self, operation):
-        import redis.exceptions
-
-        try:
-            return await operation
-        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError) as exc:
-            raise StoreUnavailable(f"Redis is unavailable: {exc}") from exc
-
-    async def ping(self) -> None:
-        await self._call(self._redis.ping())
-
-    async def create_conversation(self, question: str) -> Conversation:
-        now = time.time()
-        conv = Conversation(id=new_id(), title=title_of(question), created=now, updated=now)
-        key = f"megrez:conv:{conv.id}"
-        async with self._redis.pipeline(transaction=True) as tx:
-            tx.hset(key, mapping={"id": conv.id, "title": conv.title, "created": now, "updated": now})
-            tx.expire(key, self.conversation_ttl_s)
-            tx.zadd("megrez:convs", {conv.id: now})
-            await self._call(tx.execute())
-        return conv
-
-    async def get_conversation(self, cid: str) -> Conversation | None:
-        data = await self._call(self._redis.hgetall(f"megrez:conv:{cid}"))
-        return Conversation.model_validate(data) if data else None
-
-    async def list_conversations(self, limit: int = 50) -> list[Conversation]:
-        ids = await self._call(self._redis.zrevrange("megrez:convs", 0, max(0, limit - 1)))
-        found = [await self.get_conversation(cid) for cid in ids]
-        stale = [cid for cid, conv in zip(ids, found, strict=True) if conv is None]  # expired by TTL
-        if stale:
-            await self._call(self._redis.zrem("megrez:convs", *stale))
-        return [conv for conv in found if conv is not None]
-
-    async def delete_conversation(self, cid: str) -> bool:
-        async with self._redis.pipeline(transaction=True) as tx:
-            tx.delete(f"megrez:conv:{cid}", f"megrez:conv:{cid}:turns")
-            tx.zrem("megrez:convs", cid)
-            deleted, _ = await self._call(tx.execute())
-        return bool(deleted)
-
-    async def turns(self, cid: str) -> list[StoredTurn]:
-        rows = await self._call(self._redis.lrange(f"megrez:conv:{cid}:turns", 0, -1))
-        return [StoredTurn.model_validate_json(row) for row in rows]
-
-    async def add_turn(self, cid: str, turn: StoredTurn) -> None:
-        now = time.time()
-        key, turns = f"megrez:conv:{cid}", f"megrez:conv:{cid}:turns"
-        async with self._redis.pipeline(transaction=True) as tx:
-            tx.rpush(turns, turn.model_dump_json())
-            tx.hset(key, "updated", now)
-            tx.zadd("megrez:convs", {cid: now})
-            tx.expire(key, self.conversation_ttl_s)
-            tx.expire(turns, self.conversation_ttl_s)
-            await self._call(tx.execute())
-
-    async def start_message(self, cid: str, mid: str) -> None:
-        key = f"megrez:msg:{mid}"
-        async with self._redis.pipeline(transaction=True) as tx:
-            tx.hset(key, mapping={"conversation_id": cid, "status": "running"})
-            tx.expire(key, self.stream_ttl_s)
-            await self._call(tx.execute())
-
-    async def message_status(self, mid: str) -> tuple[str, MessageStatus] | None:
-        data = await self._call(self._redis.hgetall(f"megrez:msg:{mid}"))
-        return (data["conversation_id"], data["status"]) if data else None
-
-    async def append_event(self, mid: str, type_: str, data: str) -> str:
-        key = f"megrez:msg:{mid}:events"
-        async with self._redis.pipeline(transaction=True) as tx:
-            tx.xadd(key, {"type": type_, "data": data})
-            tx.expire(key, self.stream_ttl_s)
-            event_id, _ = await self._call(tx.execute())
-        return event_id
-
-    async def end_message(self, mid: str, status: MessageStatus) -> str:
-        key = f"megrez:msg:{mid}"
-        async with self._redis.pipeline(transaction=True) as tx:
-            tx.xadd(f"{key}:events", {"type": DONE, "data": json.dumps({"type": DONE, "status": status})})
-            tx.hset(key, "status", status)
-            event_id, _ = await self._call(tx.execute())
-        return event_id
-
-    async def events(self, mid: str, after: str | None = None) -> AsyncIterator[StoredEvent]:
-        key, position = f"megrez:msg:{mid}:events", after or "0-0"
-        while True:
-            status = await self.message_status(mid)
-            if status is None:
-                return  # unknown or expired
-            block = FOLLOW_BLOCK_MS if status[1] == "running" else None
-            reply = await self._call(self._redis.xread({key: position}, block=block))
-            for _, entries in reply or ():
-                for event_id, fields in entries:
-                    position = event_id
-                    yield StoredEvent(event_id, fields["type"], fields["data"])
-                    if fields["type"] == DONE:
-                        return
-            if not reply and status[1] != "running":
-                return  # ended without its done event (a crashed writer): everything was read
-
-    async def put_media(self, data: bytes) -> str:
-        digest = hashlib.sha256(data).hexdigest()
-        await self._call(self._media_redis.set(f"megrez:media:{digest}", data, ex=self.conversation_ttl_s, nx=True))
-        return digest
-
-    async def aclose(self) -> None:
-        await self._redis.aclose()
-        await self._media_redis.aclose()
-
-
 def make_memory(redis_url: str | None) -> Memory:
     """Redis memory when ``redis_url`` is set, else the in-process store."""
-    return RedisMemory(redis_url) if redis_url else LocalMemory()
+    if not redis_url:
+        return LocalMemory()
+    from api.redis_memory import RedisMemory
+
+    return RedisMemory(redis_url)

@@ -6,9 +6,14 @@ memory (``api/memory.py``) as it happens, and responses — the live SSE stream,
 JSON answer — all read that stream, so they see the same events with the same ids, on any replica.
 When the turn ends, its record is written in one transaction and the stream gets its ``done`` event.
 
+Writes are batched (:class:`_EventWriter`): the turn never waits for the store; while one write is in
+flight the next events pile up and go in the next one, and adjacent ``token`` events in a batch are
+merged into one (same text, fewer events). An idle service writes each token as it comes; a loaded one
+writes fewer, larger events instead of falling behind — like vLLM's own output collector.
+
 Stopping (:meth:`TurnRunner.stop`) cancels the task: the agent closes the engine stream, which
 aborts the engine request, and the partial answer (the text streamed so far) is saved marked
-``stopped``. One turn at a time per conversation: a second one is refused while the first runs.
+``stopped``. A stop asked on another replica arrives through the store (:meth:`TurnRunner.listen`).
 """
 
 from __future__ import annotations
@@ -19,15 +24,54 @@ import logging
 from dataclasses import dataclass, field
 
 from agent import Agent
-from agent.events import Answer, AnswerEvent, ErrorEvent, TokenEvent, TranscriptMessage, TurnRecord
+from agent.events import Answer, AnswerEvent, ErrorEvent, Event, TokenEvent, TranscriptMessage, TurnRecord
 from agent.state import MediaItem
 from api.memory import Memory, MessageStatus, StoredTurn, new_id
 
 log = logging.getLogger(__name__)
 
 
-class ConversationBusy(RuntimeError):
-    """A turn of this conversation is still running."""
+class _EventWriter:
+    """Appends a turn's events to its stream in batches, never making the turn wait for the store."""
+
+    def __init__(self, memory: Memory, mid: str) -> None:
+        self.memory, self.mid = memory, mid
+        self._pending: list[Event] = []
+        self._task: asyncio.Task | None = None
+        self.error: Exception | None = None  # the store failed: later events are dropped, the turn goes on
+
+    def put(self, event: Event) -> None:
+        if self.error is not None:
+            return
+        self._pending.append(event)
+        if self._task is None:
+            self._task = asyncio.create_task(self._drain())
+
+    async def _drain(self) -> None:
+        try:
+            while self._pending:
+                batch, self._pending = _merge_tokens(self._pending), []
+                await self.memory.append_events(self.mid, [(e.type, e.model_dump_json()) for e in batch])
+        except Exception as exc:
+            self.error = exc
+            log.error("turn %s: its events could not be stored: %s", self.mid, exc)
+        finally:
+            self._task = None
+
+    async def flush(self) -> None:
+        """Wait until everything put so far is written (or the store failed)."""
+        while self._task is not None:
+            await asyncio.shield(self._task)
+
+
+def _merge_tokens(events: list[Event]) -> list[Event]:
+    out: list[Event] = []
+    for event in events:
+        if isinstance(event, TokenEvent) and out and isinstance(out[-1], TokenEvent):
+            out[-1] = TokenEvent(text=out[-1].text + event.text)
+        else:
+            out.append(event)
+    return out
 
 
 @dataclass
@@ -52,9 +96,6 @@ class TurnRunner:
         self.memory = memory
         self._running: dict[str, _Running] = {}  # message id → turn
 
-    def busy(self, conversation_id: str) -> bool:
-        return any(r.conversation_id == conversation_id for r in self._running.values())
-
     async def start(
         self,
         conversation_id: str,
@@ -65,35 +106,35 @@ class TurnRunner:
         mode: str | None = None,
         language: str | None = None,
     ) -> str:
-        """Start a turn and return its message id once its stream exists (events follow in memory)."""
-        if self.busy(conversation_id):
-            raise ConversationBusy(f"conversation {conversation_id} is answering another question")
+        """Start a turn and return its message id once its stream exists (events follow in memory).
+        Raises :class:`api.memory.ConversationBusy` while another turn of the conversation runs."""
         mid = new_id()
-        # Registered before the first await, so a second request for the conversation sees it busy.
+        await self.memory.start_message(conversation_id, mid)
         running = self._running[mid] = _Running(conversation_id)
-        try:
-            await self.memory.start_message(conversation_id, mid)
-        except BaseException:
-            del self._running[mid]
-            raise
         turn = self.agent.run(question, history=history, media=media, mode=mode, language=language, request_id=mid)
         running.task = asyncio.create_task(self._run(mid, conversation_id, question, turn, running), name=f"turn-{mid}")
         return mid
 
     async def _run(self, mid: str, cid: str, question: str, turn, running: _Running) -> None:
         status: MessageStatus = "failed"
+        writer = _EventWriter(self.memory, mid)
+        saved = False
         try:
             async for event in turn:
                 if isinstance(event, TokenEvent):
                     running.text.append(event.text)
-                await self.memory.append_event(mid, event.type, event.model_dump_json())
+                writer.put(event)
                 if isinstance(event, AnswerEvent):
                     status = "done"
                 elif isinstance(event, ErrorEvent):
                     status = "failed"
+            await writer.flush()
             if turn.record is not None:
                 await self.memory.add_turn(cid, StoredTurn(message_id=mid, record=turn.record))
+                saved = True
         except asyncio.CancelledError:
+            if saved:  # stopped after the whole turn was saved: it stays as it is
+                return
             await turn.aclose()  # closes the engine stream: the request is aborted
             status = "stopped"
             partial = "".join(running.text)
@@ -102,6 +143,7 @@ class TurnRunner:
                 transcript=[TranscriptMessage(role="assistant", content=partial)],
                 answer=Answer(answer=partial, notes=["stopped by the user"]),
             )
+            await writer.flush()
             await self.memory.add_turn(cid, StoredTurn(message_id=mid, record=record, status="stopped"))
         except Exception:  # the store failed mid-turn: the stream still ends
             log.exception("turn %s could not be recorded", mid)
@@ -120,6 +162,12 @@ class TurnRunner:
         with contextlib.suppress(asyncio.CancelledError):
             await running.task
         return True
+
+    async def listen(self) -> None:
+        """Stop the turns other replicas were asked to stop (runs for the app's lifetime)."""
+        async for mid in self.memory.stop_requests():
+            if mid in self._running:
+                await self.stop(mid)
 
     async def aclose(self) -> None:
         """Stop every turn (shutdown): each is saved as stopped."""

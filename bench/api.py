@@ -38,7 +38,7 @@ def serve(port: int, redis_port: int, tokens: int, pace_ms: float) -> None:
 
     from agent.config import AgentConfig
     from api.app import create_app
-    from api.memory import RedisMemory
+    from api.redis_memory import RedisMemory
     from api.settings import Settings
     from retrieval.config import FetchConfig, SelectConfig
     from retrieval.fetch import Fetcher

@@ -46,7 +46,7 @@ class ScriptedEngine(Engine):
     default: str = "OK.<|turn_end|>"
     max_len: int = 4096
     chunk_chars: int = 3
-    delay_s: float = 0.0  # per chunk: a fixed streaming rate
+    delay_s: float = 0.0  # per chunk: a fixed streaming rate (a consumer behind it gets merged deltas)
     requests: list[Request] = field(default_factory=list)
     backend = "scripted"
 
@@ -137,17 +137,28 @@ class ScriptedEngine(Engine):
         pieces = [text[i : i + self.chunk_chars] for i in range(0, len(text), self.chunk_chars)] or [""]
         # Token ids spread over the pieces (the count is what matters: usage).
         per_piece = max(1, len(out_ids) // len(pieces))
+        counts = [per_piece] * (len(pieces) - 1) + [max(0, len(out_ids) - per_piece * (len(pieces) - 1))]
         done = False
+        began = asyncio.get_running_loop().time()
         try:
-            for i, piece in enumerate(pieces):
+            i = 0
+            while i < len(pieces):
+                # Piece i is "generated" at began + (i+1)·delay, whether or not the consumer keeps up; like
+                # vLLM's output collector, a consumer that fell behind gets everything due in one delta.
+                due = i + 1
                 if self.delay_s:
-                    await asyncio.sleep(self.delay_s)
+                    wait = began + (i + 1) * self.delay_s - asyncio.get_running_loop().time()
+                    if wait > 0:
+                        await asyncio.sleep(wait)
+                    now = asyncio.get_running_loop().time()
+                    due = max(i + 1, min(len(pieces), int((now - began) / self.delay_s + 1e-9)))
+                piece, count = "".join(pieces[i:due]), sum(counts[i:due])
+                i = due
                 request.output += piece
-                last = i == len(pieces) - 1
-                count = len(out_ids) - per_piece * i if last else per_piece
+                last = i == len(pieces)
                 yield Delta(
                     text=piece,
-                    token_ids=tuple(out_ids[:1]) * max(0, count),
+                    token_ids=tuple(out_ids[:1]) * count,
                     finish_reason=finish if last else None,
                     prompt_tokens=len(ids),
                     num_cached_tokens=0,

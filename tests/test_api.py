@@ -12,7 +12,8 @@ import pytest
 from agent.config import AgentConfig
 from agent.events import EVENT_ADAPTER
 from api.app import create_app
-from api.memory import LocalMemory, RedisMemory
+from api.memory import LocalMemory
+from api.redis_memory import RedisMemory
 from api.settings import Settings
 from scripts.net import free_port
 from scripts.scripted_engine import ScriptedEngine

@@ -8,7 +8,8 @@ import json
 import pytest
 
 from agent.events import Answer, TranscriptMessage, TurnRecord
-from api.memory import DONE, LocalMemory, RedisMemory, StoredTurn, StoreUnavailable, title_of
+from api.memory import DONE, ConversationBusy, LocalMemory, StoredTurn, StoreUnavailable, title_of
+from api.redis_memory import RedisMemory
 from scripts.net import free_port
 
 
@@ -50,7 +51,8 @@ async def test_event_stream_replays_resumes_and_follows_live(memory):
     conv = await memory.create_conversation("q")
     await memory.start_message(conv.id, "m1")
     assert await memory.message_status("m1") == (conv.id, "running")
-    ids = [await memory.append_event("m1", "token", json.dumps({"text": str(i)})) for i in range(3)]
+    ids = await memory.append_events("m1", [("token", json.dumps({"text": str(i)})) for i in range(3)])
+    assert len(ids) == 3
 
     async def read(after=None):
         return [e async for e in memory.events("m1", after)]
@@ -58,7 +60,7 @@ async def test_event_stream_replays_resumes_and_follows_live(memory):
     follower = asyncio.create_task(read())
     await asyncio.sleep(0.05)
     assert not follower.done()  # still running: the reader waits for more
-    late = await memory.append_event("m1", "token", json.dumps({"text": "3"}))
+    [late] = await memory.append_events("m1", [("token", json.dumps({"text": "3"}))])
     done = await memory.end_message("m1", "done")
     events = await asyncio.wait_for(follower, 5)
     assert [e.id for e in events] == [*ids, late, done]
@@ -84,7 +86,7 @@ async def test_a_second_replica_reads_the_stream_live(redis_url):
 
     task = asyncio.create_task(follow())
     await asyncio.sleep(0.05)
-    await writer.append_event("shared", "status", "{}")
+    await writer.append_events("shared", [("status", "{}")])
     await writer.end_message("shared", "stopped")
     assert await asyncio.wait_for(task, 5) == ["status", DONE]
     assert (await reader.turns(conv.id)) == [] and (await reader.get_conversation(conv.id)).title == "q"
@@ -99,7 +101,7 @@ async def test_writes_set_their_lifetimes(redis_url):
     conv = await memory.create_conversation("q")
     await memory.add_turn(conv.id, turn("q"))
     await memory.start_message(conv.id, "ttl")
-    await memory.append_event("ttl", "token", "{}")
+    await memory.append_events("ttl", [("token", "{}")])
     client = redis.from_url(redis_url)
     assert 900 < await client.ttl(f"megrez:conv:{conv.id}") <= 1000
     assert 900 < await client.ttl(f"megrez:conv:{conv.id}:turns") <= 1000
@@ -152,20 +154,92 @@ async def test_local_streams_expire_like_redis_ones():
     assert await memory.message_status("old") is None and await memory.message_status("new") == (conv.id, "running")
 
 
-async def test_more_live_followers_than_redis_pys_default_pool(redis_url):
-    memory = RedisMemory(redis_url)
-    conv = await memory.create_conversation("q")
-    mids = [f"many-{i}" for i in range(150)]  # each follower blocks on its own connection
+async def test_more_followers_on_another_replica_than_redis_pys_default_pool(redis_url):
+    writer, reader = RedisMemory(redis_url), RedisMemory(redis_url)
+    mids = [f"many-{i}" for i in range(150)]  # each remote follower blocks on its own connection
     for mid in mids:
-        await memory.start_message(conv.id, mid)
+        await writer.start_message((await writer.create_conversation("q")).id, mid)
 
     async def follow(mid):
-        return [e.type async for e in memory.events(mid)]
+        return [e.type async for e in reader.events(mid)]
 
     followers = [asyncio.create_task(follow(mid)) for mid in mids]
     await asyncio.sleep(0.2)
     for mid in mids:
-        await memory.append_event(mid, "token", "{}")
-        await memory.end_message(mid, "done")
+        await writer.append_events(mid, [("token", "{}")])
+        await writer.end_message(mid, "done")
     assert await asyncio.wait_for(asyncio.gather(*followers), 20) == [["token", DONE]] * len(mids)
-    await memory.aclose()
+    await writer.aclose()
+    await reader.aclose()
+
+
+async def test_followers_here_and_on_another_replica_see_the_same_events_and_ids(redis_url):
+    writer, reader = RedisMemory(redis_url), RedisMemory(redis_url)
+    conv = await writer.create_conversation("q")
+    await writer.start_message(conv.id, "same")
+
+    async def follow(memory, after=None):
+        return [(e.id, e.type, e.data) async for e in memory.events("same", after)]
+
+    here, there = asyncio.create_task(follow(writer)), asyncio.create_task(follow(reader))
+    await asyncio.sleep(0.05)
+    first = await writer.append_events("same", [("token", '{"text": "a"}'), ("token", '{"text": "b"}')])
+    await writer.append_events("same", [("sources", "[]")])
+    await writer.end_message("same", "done")
+    local, remote = await asyncio.wait_for(asyncio.gather(here, there), 5)
+    assert local == remote and [t for _, t, _ in local] == ["token", "token", "sources", DONE]
+    assert [i for i, _, _ in local[:2]] == first
+    assert await follow(writer, after=first[0]) == remote[1:]  # after the end: read back from Redis
+    await writer.aclose()
+    await reader.aclose()
+
+
+async def test_one_running_turn_per_conversation_across_replicas(redis_url):
+    one, two = RedisMemory(redis_url), RedisMemory(redis_url)
+    conv = await one.create_conversation("q")
+    await one.start_message(conv.id, "first")
+    with pytest.raises(ConversationBusy):
+        await two.start_message(conv.id, "second")
+    other = await two.create_conversation("another")
+    await two.start_message(other.id, "elsewhere")  # other conversations are not held up
+    await one.end_message("first", "done")
+    await two.start_message(conv.id, "second")  # free again once the first ended
+    assert await one.message_status("second") == (conv.id, "running")
+    await one.aclose()
+    await two.aclose()
+
+
+async def test_local_memory_runs_one_turn_per_conversation():
+    memory = LocalMemory()
+    conv = await memory.create_conversation("q")
+    await memory.start_message(conv.id, "a")
+    with pytest.raises(ConversationBusy):
+        await memory.start_message(conv.id, "b")
+    await memory.end_message("a", "stopped")
+    await memory.start_message(conv.id, "b")
+
+
+async def test_a_stop_request_reaches_the_other_replica(redis_url):
+    one, two = RedisMemory(redis_url), RedisMemory(redis_url)
+    heard = asyncio.Queue()
+
+    async def listen():
+        async for mid in one.stop_requests():
+            await heard.put(mid)
+
+    listener = asyncio.create_task(listen())
+    await asyncio.sleep(0.2)  # subscribed
+    await two.request_stop("m-42")
+    assert await asyncio.wait_for(heard.get(), 5) == "m-42"
+    listener.cancel()
+    await one.aclose()
+    await two.aclose()
+
+
+def test_event_ids_are_checked():
+    from api.memory import event_id_key
+
+    assert event_id_key("1700000000000-3") == (1700000000000, 3) and event_id_key("2-0") > event_id_key("1-9")
+    for bad in ("", "abc", "1-", "-1", "1-2-3", "１-0"):
+        with pytest.raises(ValueError, match="not an event id"):
+            event_id_key(bad)

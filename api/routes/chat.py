@@ -8,6 +8,7 @@ first, ``done`` last, a comment every 15 s keeps idle proxies from closing the c
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 
@@ -18,13 +19,13 @@ from sse_starlette.sse import EventSourceResponse
 from agent.state import MediaItem
 from api.config import ApiConfig
 from api.media import MediaRejected, check_media, decode_base64
-from api.memory import DONE, Memory
+from api.memory import DONE, ConversationBusy, Memory, event_id_key
 from api.routes.deps import services, store_errors
 from api.schemas import ChatRequest, ChatResponse, MetaEvent
-from api.turns import ConversationBusy
 
 router = APIRouter(tags=["chat"])
 
+STOP_WAIT_S = 10.0  # how long a stop asked here waits for the replica that runs the turn
 _MODES = {"off": "off", "auto": "auto", "always": "always", "true": "auto", "false": "off"}
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # no proxy buffering
 
@@ -151,18 +152,31 @@ async def resume(
     if known is None:
         raise HTTPException(404, f"unknown or expired message {message_id}")
     after = last_event_header or last_event_id
+    if after is not None:
+        try:
+            event_id_key(after)
+        except ValueError as exc:
+            raise HTTPException(400, f"Last-Event-ID: {exc}") from None
     return EventSourceResponse(_sse(svc.memory, known[0], message_id, after), ping=15, headers=SSE_HEADERS)
 
 
 @router.post("/chat/{message_id}/stop")
 async def stop(message_id: str, request: Request) -> dict[str, str]:
-    """Stop a running turn (the engine request is aborted; the partial answer is saved as stopped)."""
+    """Stop a running turn (the engine request is aborted; the partial answer is saved as stopped), on
+    whichever replica runs it."""
     svc = services(request)
     with store_errors():
         known = await svc.memory.message_status(message_id)
         if known is None:
             raise HTTPException(404, f"unknown or expired message {message_id}")
         if known[1] == "running" and not await svc.runner.stop(message_id):
-            raise HTTPException(409, "the turn runs on another replica; stop it there")
+            await svc.memory.request_stop(message_id)  # another replica runs it: it hears this and stops
+            deadline = asyncio.get_running_loop().time() + STOP_WAIT_S
+            while (known := await svc.memory.message_status(message_id) or known)[1] == "running":
+                if asyncio.get_running_loop().time() > deadline:
+                    raise HTTPException(
+                        504, f"the turn did not stop within {STOP_WAIT_S:g} s; the replica running it may be down"
+                    )
+                await asyncio.sleep(0.05)
         status = (await svc.memory.message_status(message_id) or known)[1]
     return {"message_id": message_id, "status": status}
