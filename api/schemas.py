@@ -10,7 +10,7 @@ from typing import Literal, Union
 
 from pydantic import BaseModel, Field, TypeAdapter
 
-from agent.events import Answer, Event, TurnRecord
+from agent.events import Answer, Event, MediaRef, TurnRecord
 
 
 class ChatRequest(BaseModel):
@@ -58,6 +58,7 @@ class TurnOut(BaseModel):
     message_id: str
     status: str
     question: str
+    media: list[MediaRef] = []  # the question's attachments, by content hash
     answer: Answer
 
 
@@ -66,4 +67,6 @@ class ConversationOut(ConversationSummary):
 
     @staticmethod
     def turn(message_id: str, status: str, record: TurnRecord) -> TurnOut:
-        return TurnOut(message_id=message_id, status=status, question=record.question, answer=record.answer)
+        return TurnOut(
+            message_id=message_id, status=status, question=record.question, media=record.media, answer=record.answer
+        )

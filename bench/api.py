@@ -1,16 +1,19 @@
-"""Many concurrent SSE streams through the real app: delay the service adds to each token event.
+"""Many concurrent SSE streams through the real app: the delay the service adds to each piece of the answer.
 
-The server runs in its own process (uvicorn on 127.0.0.1, the real app, a scripted engine streaming
-``--tokens`` chunks at one every ``--pace-ms``, search off so the stream is all tokens, a real
-``redis-server`` of its own for memory). This process opens N streams at once with httpx and
-records when each token event arrives. For token i of a stream, the *added delay* is how much
-later than the engine's own pace it came, against the stream's most punctual token:
-``(t_i - i · pace) - min_j (t_j - j · pace)``. Also: events per second,
-server memory per open stream (RSS during the run minus before, over N), and lost or reordered
-events (every stream's token text must equal the scripted answer, its ids strictly increasing).
-The JSON route (no stream) runs the same N turns in the same run, for comparison.
+The server runs in its own process (uvicorn on 127.0.0.1, the real app, a scripted engine producing
+``--tokens`` answer pieces at one every ``--pace-ms``, search off so the stream is all tokens, a real
+``redis-server`` of its own for memory). This process opens N streams (all at once, or evenly over
+``--ramp-s``) with httpx and records when each piece arrives. Like vLLM's output collector, the
+scripted engine hands a consumer that fell behind everything due in one delta, and the service merges
+adjacent token events when its store writes lag, so under load one event carries several pieces; the
+delay is therefore per piece: for piece i of a stream, how much later than the engine's own pace it
+came, against the stream's most punctual piece: ``(t_i - i · pace) - min_j (t_j - j · pace)``. Also:
+pieces per second, server CPU per turn (where the time goes), server memory per open stream (RSS
+during the run minus before, over N), and lost or reordered events (every stream's text must equal
+the scripted answer, its ids strictly increasing). The JSON route (no stream) runs the same N turns
+in the same run, for comparison.
 
-    .venv/bin/python -m bench.api [--streams 100 500 1000] [--tokens 40] [--pace-ms 20]
+    .venv/bin/python -m bench.api [--streams 100 500 1000] [--tokens 40] [--pace-ms 20] [--ramp-s 0]
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import httpx
 from scripts.net import RedisServer, free_port
 
 ANSWER_PIECE = "word "
+ERRORS: list[str] = []  # transport errors of the client's streams
 
 
 def serve(port: int, redis_port: int, tokens: int, pace_ms: float) -> None:
@@ -65,8 +69,29 @@ class _Discard(list):
         pass
 
 
-async def one_stream(client: httpx.AsyncClient, expected: str, pace_s: float, delays: list[float]) -> bool:
-    """One SSE turn; appends each token's added delay; True when nothing was lost or reordered."""
+async def one_stream(
+    client: httpx.AsyncClient, expected: str, pace_s: float, delays: list[float], wait_s: float = 0.0
+) -> bool:
+    """One SSE turn; appends each answer piece's added delay; True when nothing was lost or reordered.
+
+    Under load the engine (like vLLM's collector) and the service merge pieces into fewer token events,
+    so the delay is measured per piece of the answer, not per event: piece j arrives with the event
+    that carries it, and is due ``j · pace`` after the stream's first piece."""
+    await asyncio.sleep(wait_s)
+    try:
+        text, ids, arrivals = await _read_stream(client)
+    except httpx.TransportError as exc:  # counted as a bad stream, with its kind
+        ERRORS.append(type(exc).__name__)
+        return False
+    # Each piece's time less the engine's pace, against the stream's most punctual piece: how late it came.
+    offsets = [t - i * pace_s for i, t in enumerate(arrivals)]
+    delays += [o - min(offsets) for o in offsets]
+    ordered = [tuple(map(int, i.split("-"))) for i in ids[1:]]  # after meta's 0-0
+    return text == expected and ordered == sorted(ordered) and len(set(ordered)) == len(ordered)
+
+
+async def _read_stream(client: httpx.AsyncClient) -> tuple[str, list[str], list[float]]:
+    """The token text, the event ids and each answer piece's arrival time of one SSE turn."""
     text, ids, arrivals = "", [], []
     async with client.stream(
         "POST", "/chat?websearch=off", json={"message": "q"}, headers={"Accept": "text/event-stream"}
@@ -78,13 +103,17 @@ async def one_stream(client: httpx.AsyncClient, expected: str, pace_s: float, de
             elif line.startswith("id:"):
                 ids.append(line[3:].strip())
             elif line.startswith("data:") and event == "token":
-                arrivals.append(time.perf_counter())
-                text += json.loads(line[5:])["text"]
-    # Each token's time less the engine's pace, against the stream's most punctual token: how late it came.
-    offsets = [t - i * pace_s for i, t in enumerate(arrivals)]
-    delays += [o - min(offsets) for o in offsets]
-    ordered = [tuple(map(int, i.split("-"))) for i in ids[1:]]  # after meta's 0-0
-    return text == expected and ordered == sorted(ordered) and len(set(ordered)) == len(ordered)
+                now = time.perf_counter()
+                piece = json.loads(line[5:])["text"]
+                arrivals += [now] * piece.count(ANSWER_PIECE)
+                text += piece
+    return text, ids, arrivals
+
+
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def rss_kib(pid: int) -> int:
@@ -94,7 +123,7 @@ def rss_kib(pid: int) -> int:
     return 0
 
 
-async def run_level(url: str, pid: int, streams: int, tokens: int, pace_s: float) -> dict:
+async def run_level(url: str, pid: int, streams: int, tokens: int, pace_s: float, ramp_s: float) -> dict:
     expected = ANSWER_PIECE * tokens
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
     async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
@@ -108,9 +137,11 @@ async def run_level(url: str, pid: int, streams: int, tokens: int, pace_s: float
                 await asyncio.sleep(0.2)
 
         sampler = asyncio.create_task(sample())
-        began = time.perf_counter()
-        ok = await asyncio.gather(*(one_stream(client, expected, pace_s, delays) for _ in range(streams)))
-        elapsed = time.perf_counter() - began
+        began, cpu_before = time.perf_counter(), cpu_s(pid)
+        ok = await asyncio.gather(
+            *(one_stream(client, expected, pace_s, delays, ramp_s * i / streams) for i in range(streams))
+        )
+        elapsed, server_cpu = time.perf_counter() - began, cpu_s(pid) - cpu_before
         sampler.cancel()
         began = time.perf_counter()
         answers = await asyncio.gather(
@@ -120,11 +151,13 @@ async def run_level(url: str, pid: int, streams: int, tokens: int, pace_s: float
     delays.sort()
     return {
         "streams": streams,
-        "events_per_s": len(delays) / elapsed,
+        "pieces_per_s": len(delays) / elapsed,
+        "cpu_ms_per_turn": 1000 * server_cpu / streams,
         "p50_ms": 1000 * delays[len(delays) // 2],
         "p99_ms": 1000 * delays[int(len(delays) * 0.99)],
         "kib_per_stream": (peak[0] - before) / streams,
         "bad_streams": ok.count(False),
+        "errors": sorted(set(ERRORS)),
         "wall_s": elapsed,
         "json_wall_s": json_elapsed,
         "json_ok": sum(r.status_code == 200 and r.json()["answer"]["answer"] == expected for r in answers),
@@ -160,21 +193,34 @@ async def main_async(args: argparse.Namespace) -> None:
                 except httpx.TransportError:
                     pass
                 await asyncio.sleep(0.1)
-        rows = [await run_level(url, server.pid, n, args.tokens, args.pace_ms / 1000) for n in args.streams]
+        rows = [
+            await run_level(url, server.pid, n, args.tokens, args.pace_ms / 1000, args.ramp_s) for n in args.streams
+        ]
     finally:
         server.terminate()
         server.wait(10)
         redis.stop()
-    print(f"scripted engine: {args.tokens} token events per turn, one every {args.pace_ms:g} ms; Redis memory; 2 cores")
     print(
-        "| streams | token events/s | added delay p50 / p99 | server memory per stream | lost or reordered "
-        "| SSE wall | JSON route wall (all correct) |"
+        f"scripted engine: {args.tokens} pieces per turn, one every {args.pace_ms:g} ms; streams opened over "
+        f"{args.ramp_s:g} s; Redis memory; {os.cpu_count()} cores (server and this client share them)"
     )
-    print("|---|---|---|---|---|---|---|")
+    header = (
+        "streams",
+        "answer pieces/s",
+        "added delay per piece p50 / p99",
+        "server CPU per turn",
+        "server memory per stream",
+        "lost, reordered or failed",
+        "SSE wall",
+        "JSON route wall (all correct)",
+    )
+    print("| " + " | ".join(header) + " |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(
-            f"| {r['streams']} | {r['events_per_s']:.0f} | {r['p50_ms']:.1f} / {r['p99_ms']:.1f} ms "
-            f"| {r['kib_per_stream']:.0f} KiB | {r['bad_streams']} | {r['wall_s']:.1f} s "
+            f"| {r['streams']} | {r['pieces_per_s']:.0f} | {r['p50_ms']:.1f} / {r['p99_ms']:.1f} ms "
+            f"| {r['cpu_ms_per_turn']:.1f} ms | {r['kib_per_stream']:.0f} KiB "
+            f"| {r['bad_streams']}{' (' + ', '.join(r['errors']) + ')' if r['errors'] else ''} | {r['wall_s']:.1f} s "
             f"| {r['json_wall_s']:.1f} s ({r['json_ok']}/{r['streams']}) |"
         )
 
@@ -184,6 +230,7 @@ def main() -> None:
     parser.add_argument("--streams", type=int, nargs="+", default=[100, 500, 1000])
     parser.add_argument("--tokens", type=int, default=40)
     parser.add_argument("--pace-ms", type=float, default=20.0)
+    parser.add_argument("--ramp-s", type=float, default=0.0, help="open the streams evenly over this many seconds")
     parser.add_argument("--serve", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--redis-port", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()

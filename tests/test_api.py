@@ -283,6 +283,31 @@ async def test_a_stream_started_on_one_replica_resumes_on_another(tokenizer_dir,
         assert text == answer == slow.removesuffix("<|turn_end|>")  # every piece exactly once
 
 
+async def test_stop_and_the_one_turn_rule_hold_across_replicas(tokenizer_dir, corpus_backend, redis_url):
+    slow = "Still going. " * 400 + "<|turn_end|>"
+    first, engine = app_with(tokenizer_dir, corpus_backend, RedisMemory(redis_url), slow, delay_s=0.005)
+    second, _ = app_with(tokenizer_dir, corpus_backend, RedisMemory(redis_url))
+    async with client_for(first) as a, client_for(second) as b:
+        async with a.stream(
+            "POST", "/chat?websearch=off", json={"message": "q"}, headers={"Accept": "text/event-stream"}
+        ) as response:
+            async for chunk in response.aiter_text():
+                meta = json.loads(parse_sse(chunk)[0]["data"])
+                break
+        mid, cid = meta["message_id"], meta["conversation_id"]
+        busy = await b.post("/chat?websearch=off", json={"message": "again", "conversation_id": cid})
+        assert busy.status_code == 409 and "another question" in busy.json()["detail"]
+        bad = await b.get(f"/chat/{mid}/events", headers={"Last-Event-ID": "yesterday"})
+        assert bad.status_code == 400 and "not an event id" in bad.json()["detail"]
+        stopped = await b.post(f"/chat/{mid}/stop")  # asked on the replica that does not run it
+        assert stopped.status_code == 200 and stopped.json() == {"message_id": mid, "status": "stopped"}
+        assert engine.requests[0].closed_early  # replica one aborted its engine request
+        turns = (await b.get(f"/conversations/{cid}")).json()["turns"]
+        assert [t["status"] for t in turns] == ["stopped"] and slow.startswith(turns[0]["answer"]["answer"])
+        again = await b.post("/chat?websearch=off", json={"message": "again", "conversation_id": cid})
+        assert again.status_code == 200 and again.json()["status"] == "done"  # the conversation is free
+
+
 def png(width: int = 64, height: int = 64) -> bytes:
     import io
 

@@ -6,6 +6,7 @@ plain PyTorch) and through our vLLM plugin; greedy tokens must be equal and log-
 
 from __future__ import annotations
 
+import asyncio
 import io
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
@@ -220,3 +221,46 @@ def test_prepare_refuses_what_cannot_fit_and_bad_bytes(omni_engine, encoder) -> 
         prepare_omni_request(encoder, [Message("user", "x", media=("audio",))], audios=[b"RIFF....garbage"])
     with pytest.raises(MediaError, match="1 image"):
         prepare_omni_request(encoder, [Message("user", "x", media=("image",))], images=[])
+
+
+async def test_uploads_through_the_api_reach_the_omni_model(omni_engine, tmp_path) -> None:
+    """POST /chat with a base64 image (JSON) and a WAV clip (multipart): the tiny Omni model sees them."""
+    import base64
+
+    import httpx
+
+    from agent.config import AgentConfig
+    from api.app import create_app
+    from api.memory import LocalMemory
+    from api.settings import Settings
+    from tests.agent_fixtures import make_retriever
+
+    settings = Settings(agent=AgentConfig(related=False, answer_tokens=32, mode="off"))
+    app = create_app(settings, engine=omni_engine, retriever=make_retriever(), memory=LocalMemory())
+    png, wav = io.BytesIO(), io.BytesIO()
+    _image(96, 64, 3).save(png, "PNG")
+    soundfile.write(wav, _speech(1.5, 4), SAMPLE_RATE, format="WAV")
+    async with app.router.lifespan_context(app):
+        await asyncio.wait_for(app.state.services.engine_ready.wait(), 30)
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://t", timeout=120) as client:
+            plain = await client.post("/chat?websearch=off", json={"message": "Describe it."})
+            image = await client.post(
+                "/chat?websearch=off",
+                json={"message": "Describe it.", "images": [base64.b64encode(png.getvalue()).decode()]},
+            )
+            audio = await client.post(
+                "/chat?websearch=off",
+                data={"message": "Describe it."},
+                files=[("audio", ("clip.wav", wav.getvalue(), "audio/wav"))],
+            )
+            for response in (plain, image, audio):
+                assert response.status_code == 200 and response.json()["status"] == "done", response.text
+            prompt = {
+                name: r.json()["answer"]["usage"]["prompt_tokens"]
+                for name, r in [("plain", plain), ("image", image), ("audio", audio)]
+            }
+            # The media's placeholders were expanded into the model's own image and audio tokens.
+            assert prompt["image"] - prompt["plain"] >= len(image_placeholder_text(96, 64)) // 8
+            assert prompt["audio"] - prompt["plain"] >= 10
+            turns = (await client.get(f"/conversations/{image.json()['conversation_id']}")).json()["turns"]
+            assert [m["kind"] for m in turns[0]["media"]] == ["image"]
