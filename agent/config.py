@@ -22,7 +22,7 @@ class AgentConfig(BaseModel):
         default=2, ge=1, le=5, description="Searches per turn; the generation after the last one cannot call the tool."
     )
     answer_tokens: int = Field(
-        default=768, ge=32, description="Tokens reserved for (and at most generated in) each answer generation."
+        default=768, ge=1, description="Tokens reserved for (and at most generated in) each answer generation."
     )
     min_context_tokens: int = Field(
         default=200,
@@ -37,6 +37,8 @@ class AgentConfig(BaseModel):
     )
     top_p: float = Field(default=1.0, gt=0, le=1, description="Nucleus sampling for answers.")
     repetition_penalty: float = Field(default=1.0, gt=0, description="vLLM repetition penalty for answers.")
+    seed: int | None = Field(default=None, description="Sampling seed for answers (reproducible with temperature > 0).")
+    stop: list[str] = Field(default=[], max_length=4, description="Extra stop strings for answers (OpenAI's stop).")
     query_tokens: int = Field(default=64, ge=8, description="Most tokens of a forced search query.")
     related: bool = Field(default=True, description="Suggest follow-up questions after an answer that searched.")
     related_tokens: int = Field(default=160, ge=16, description="Most tokens of the follow-up questions generation.")

@@ -112,6 +112,7 @@ class SourcesEvent(BaseModel):
     round: int
     sources: list[Source]
     backend: str | None = None
+    cached: bool = False  # the results came from the search cache
     failures: list[SearchFailure] = []
 
 

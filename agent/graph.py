@@ -168,6 +168,8 @@ async def generate(state: TurnState, runtime: Runtime[TurnContext]) -> dict[str,
             temperature=temperature,
             top_p=config.top_p,
             repetition_penalty=config.repetition_penalty,
+            seed=config.seed,
+            stop=tuple(config.stop),
             logit_bias=ban,
         )
         stage, message = ("thinking", "Thinking") if rounds == 0 else ("answering", "Writing the answer")
@@ -246,7 +248,15 @@ async def search(state: TurnState, runtime: Runtime[TurnContext]) -> dict[str, A
         if isinstance(event, SearchEvent):
             searched_at[0] = time.monotonic()
             new_sources.extend(number_sources(event.results, known, round=round_))
-            write(SourcesEvent(round=round_, sources=new_sources, backend=event.backend, failures=event.failures))
+            write(
+                SourcesEvent(
+                    round=round_,
+                    sources=new_sources,
+                    backend=event.backend,
+                    cached=event.cached,
+                    failures=event.failures,
+                )
+            )
             if event.results:
                 write(StatusEvent(stage="reading", message=f"Reading {len(event.results)} pages"))
         elif isinstance(event, PageEvent):

@@ -15,12 +15,18 @@ import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from fastapi import FastAPI
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.exception_handlers import http_exception_handler, request_validation_exception_handler
+from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse
 
 from agent import Agent
+from api.access import Access
 from api.memory import Memory, make_memory
-from api.routes import chat, conversations, health
+from api.metrics import RequestMetrics
+from api.openai_compat import OpenAIError, error_body
+from api.routes import chat, conversations, health, metrics, openai
 from api.schemas import STREAM_ADAPTER
 from api.settings import Settings
 from api.turns import TurnRunner
@@ -40,6 +46,7 @@ class Services:
     retriever: Retriever
     memory: Memory
     runner: TurnRunner
+    access: Access
     engine_ready: asyncio.Event = field(default_factory=asyncio.Event)
     engine_error: str | None = None
 
@@ -74,7 +81,9 @@ def create_app(
         )
         the_engine = engine or build_engine(settings.engine)
         agent = Agent(the_engine, the_retriever, config=settings.agent)
-        services = Services(settings, the_engine, the_retriever, the_memory, TurnRunner(agent, the_memory))
+        runner = TurnRunner(agent, the_memory, concurrent_turns=settings.rate.concurrent_turns)
+        access = Access(settings.auth, settings.rate, redis_url=settings.redis_url)
+        services = Services(settings, the_engine, the_retriever, the_memory, runner, access)
         app.state.services = services
         starting = asyncio.create_task(services._start_engine())
         listening = asyncio.create_task(services.runner.listen())  # stops asked on other replicas
@@ -95,10 +104,37 @@ def create_app(
                 await the_memory.aclose()
 
     app = FastAPI(title="megrez-search", version="0.1.0", lifespan=lifespan)
-    for router in (health.router, chat.router, conversations.router):
+    for router in (health.router, chat.router, conversations.router, openai.router, metrics.router):
         app.include_router(router)
+    _openai_errors(app)
+    services_of = lambda: getattr(app.state, "services", None)  # noqa: E731 (set by the lifespan)
+    app.add_middleware(RequestMetrics, metrics=lambda: (s := services_of()) and s.runner.metrics)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
+
+
+def _openai_errors(app: FastAPI) -> None:
+    """Errors under ``/v1`` in OpenAI's shape (so OpenAI clients raise their own exceptions); elsewhere FastAPI's."""
+
+    @app.exception_handler(OpenAIError)
+    async def openai_error(request: Request, exc: OpenAIError) -> JSONResponse:
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException):
+        if not request.url.path.startswith("/v1/"):
+            return await http_exception_handler(request, exc)
+        return JSONResponse(error_body(exc.status_code, str(exc.detail)), exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError):
+        if not request.url.path.startswith("/v1/"):
+            return await request_validation_exception_handler(request, exc)
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
+        body = error_body(400, f"{where}: {first.get('msg', 'invalid request')}")
+        body["error"]["param"] = where or None
+        return JSONResponse(body, status_code=400)
 
 
 def _openapi(app: FastAPI) -> dict:

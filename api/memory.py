@@ -37,6 +37,8 @@ from agent.events import TurnRecord
 MessageStatus = Literal["running", "done", "stopped", "failed"]
 DONE = "done"  # the last event of every message stream: {"type": "done", "status": ...}
 TITLE_CHARS = 80
+ANONYMOUS = "anonymous"  # the owner of everything when the service has no API keys
+SLOT_TTL_S = 900  # a turn slot not released (a replica died) frees itself after this
 
 
 class StoreUnavailable(RuntimeError):
@@ -47,11 +49,16 @@ class ConversationBusy(RuntimeError):
     """A turn of this conversation is still running."""
 
 
+class TooManyTurns(RuntimeError):
+    """The owner already has as many turns running as it may."""
+
+
 class Conversation(BaseModel):
     id: str
     title: str
     created: float
     updated: float
+    owner: str = ANONYMOUS  # see api/access.py: other owners never see it
 
 
 class StoredTurn(BaseModel):
@@ -98,10 +105,12 @@ class Memory(Protocol):
     """What the service needs from a store (see the module docstring, and ``api/redis_memory.py`` for the keys)."""
 
     async def ping(self) -> None: ...
-    async def create_conversation(self, question: str) -> Conversation: ...
+    async def create_conversation(self, question: str, owner: str = ANONYMOUS) -> Conversation: ...
     async def get_conversation(self, cid: str) -> Conversation | None: ...
-    async def list_conversations(self, limit: int = 50) -> list[Conversation]: ...
+    async def list_conversations(self, owner: str = ANONYMOUS, limit: int = 50) -> list[Conversation]: ...
     async def delete_conversation(self, cid: str) -> bool: ...
+    async def acquire_slot(self, owner: str, slot: str, limit: int) -> bool: ...
+    async def release_slot(self, owner: str, slot: str) -> None: ...
     async def turns(self, cid: str) -> list[StoredTurn]: ...
     async def add_turn(self, cid: str, turn: StoredTurn) -> None: ...
     async def start_message(self, cid: str, mid: str) -> None: ...
@@ -174,14 +183,15 @@ class LocalMemory:
         self._turns: dict[str, list[StoredTurn]] = {}
         self._messages: dict[str, LiveStream] = {}
         self._running: dict[str, str] = {}  # conversation id → its running message
+        self._slots: dict[str, dict[str, float]] = {}  # owner → slot → expiry (time.monotonic())
         self._media: dict[str, bytes] = {}
 
     async def ping(self) -> None:
         return None
 
-    async def create_conversation(self, question: str) -> Conversation:
+    async def create_conversation(self, question: str, owner: str = ANONYMOUS) -> Conversation:
         now = time.time()
-        conv = Conversation(id=new_id(), title=title_of(question), created=now, updated=now)
+        conv = Conversation(id=new_id(), title=title_of(question), created=now, updated=now, owner=owner)
         self._conversations[conv.id] = conv
         self._turns[conv.id] = []
         return conv
@@ -189,8 +199,22 @@ class LocalMemory:
     async def get_conversation(self, cid: str) -> Conversation | None:
         return self._conversations.get(cid)
 
-    async def list_conversations(self, limit: int = 50) -> list[Conversation]:
-        return sorted(self._conversations.values(), key=lambda c: c.updated, reverse=True)[:limit]
+    async def list_conversations(self, owner: str = ANONYMOUS, limit: int = 50) -> list[Conversation]:
+        mine = [c for c in self._conversations.values() if c.owner == owner]
+        return sorted(mine, key=lambda c: c.updated, reverse=True)[:limit]
+
+    async def acquire_slot(self, owner: str, slot: str, limit: int) -> bool:
+        now = time.monotonic()
+        slots = self._slots.setdefault(owner, {})
+        for old in [s for s, expiry in slots.items() if expiry <= now]:
+            del slots[old]
+        if len(slots) >= limit:
+            return False
+        slots[slot] = now + SLOT_TTL_S
+        return True
+
+    async def release_slot(self, owner: str, slot: str) -> None:
+        self._slots.get(owner, {}).pop(slot, None)
 
     async def delete_conversation(self, cid: str) -> bool:
         self._turns.pop(cid, None)

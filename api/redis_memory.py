@@ -5,14 +5,16 @@ Every key is under ``megrez:``:
 =================================  ======  ===============================================================
 key                                type    what
 =================================  ======  ===============================================================
-``megrez:conv:{cid}``              hash    ``id``, ``title`` (first question, trimmed), ``created``, ``updated``
+``megrez:conv:{cid}``              hash    ``id``, ``title`` (first question), ``created``, ``updated``, ``owner``
 ``megrez:conv:{cid}:turns``        list    one JSON :class:`StoredTurn` per turn, oldest first
 ``megrez:conv:{cid}:running``      string  the message id of the conversation's running turn (its lock)
-``megrez:convs``                   zset    conversation ids scored by last update (newest first listing)
+``megrez:convs:{owner}``           zset    the owner's conversation ids scored by last update (newest first)
+``megrez:slots:{owner}``           zset    the owner's running turns scored by when their slot expires
 ``megrez:msg:{mid}``               hash    ``conversation_id``, ``status`` (running/done/stopped/failed)
 ``megrez:msg:{mid}:events``        stream  the message's events, in order: fields ``type`` and ``data`` (JSON)
 ``megrez:media:{sha256}``          string  an uploaded image or clip, stored once by content hash
 ``megrez:stop``                    pubsub  message ids to stop, heard by the replica that runs them
+``megrez:rate*``                   (many)  rate-limit windows, kept by the ``limits`` package (api/access.py)
 =================================  ======  ===============================================================
 
 Lifetimes: conversations (hash, turns, media) live ``conversation_ttl_s`` (default 30 days) from
@@ -40,7 +42,9 @@ import time
 from collections.abc import AsyncIterator, Sequence
 
 from api.memory import (
+    ANONYMOUS,
     DONE,
+    SLOT_TTL_S,
     Conversation,
     ConversationBusy,
     LiveStream,
@@ -61,6 +65,14 @@ STOP_CHANNEL = "megrez:stop"
 # Release the conversation's lock only if it is still this message's (a lock that expired and was
 # taken by a newer turn must stay).
 _RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
+# Take one of an owner's turn slots if fewer than the limit are live (expired ones are dropped first).
+_ACQUIRE = """
+redis.call('zremrangebyscore', KEYS[1], '-inf', ARGV[1])
+if redis.call('zcard', KEYS[1]) >= tonumber(ARGV[3]) then return 0 end
+redis.call('zadd', KEYS[1], ARGV[2], ARGV[4])
+redis.call('expire', KEYS[1], ARGV[5])
+return 1
+"""
 
 
 class RedisMemory:
@@ -103,14 +115,15 @@ class RedisMemory:
     async def ping(self) -> None:
         await self._call(self._redis.ping())
 
-    async def create_conversation(self, question: str) -> Conversation:
+    async def create_conversation(self, question: str, owner: str = ANONYMOUS) -> Conversation:
         now = time.time()
-        conv = Conversation(id=new_id(), title=title_of(question), created=now, updated=now)
+        conv = Conversation(id=new_id(), title=title_of(question), created=now, updated=now, owner=owner)
         key = f"megrez:conv:{conv.id}"
         async with self._redis.pipeline(transaction=True) as tx:
-            tx.hset(key, mapping={"id": conv.id, "title": conv.title, "created": now, "updated": now})
+            tx.hset(key, mapping=conv.model_dump())
             tx.expire(key, self.conversation_ttl_s)
-            tx.zadd("megrez:convs", {conv.id: now})
+            tx.zadd(f"megrez:convs:{owner}", {conv.id: now})
+            tx.expire(f"megrez:convs:{owner}", self.conversation_ttl_s)
             await self._call(tx.execute())
         return conv
 
@@ -118,20 +131,30 @@ class RedisMemory:
         data = await self._call(self._redis.hgetall(f"megrez:conv:{cid}"))
         return Conversation.model_validate(data) if data else None
 
-    async def list_conversations(self, limit: int = 50) -> list[Conversation]:
-        ids = await self._call(self._redis.zrevrange("megrez:convs", 0, max(0, limit - 1)))
+    async def list_conversations(self, owner: str = ANONYMOUS, limit: int = 50) -> list[Conversation]:
+        listing = f"megrez:convs:{owner}"
+        ids = await self._call(self._redis.zrevrange(listing, 0, max(0, limit - 1)))
         found = [await self.get_conversation(cid) for cid in ids]
         stale = [cid for cid, conv in zip(ids, found, strict=True) if conv is None]  # expired by TTL
         if stale:
-            await self._call(self._redis.zrem("megrez:convs", *stale))
+            await self._call(self._redis.zrem(listing, *stale))
         return [conv for conv in found if conv is not None]
 
     async def delete_conversation(self, cid: str) -> bool:
+        owner = await self._call(self._redis.hget(f"megrez:conv:{cid}", "owner"))
         async with self._redis.pipeline(transaction=True) as tx:
             tx.delete(f"megrez:conv:{cid}", f"megrez:conv:{cid}:turns")
-            tx.zrem("megrez:convs", cid)
+            tx.zrem(f"megrez:convs:{owner or ANONYMOUS}", cid)
             deleted, _ = await self._call(tx.execute())
         return bool(deleted)
+
+    async def acquire_slot(self, owner: str, slot: str, limit: int) -> bool:
+        now = time.time()
+        args = (now, now + SLOT_TTL_S, limit, slot, SLOT_TTL_S)
+        return bool(await self._call(self._redis.eval(_ACQUIRE, 1, f"megrez:slots:{owner}", *args)))
+
+    async def release_slot(self, owner: str, slot: str) -> None:
+        await self._call(self._redis.zrem(f"megrez:slots:{owner}", slot))
 
     async def turns(self, cid: str) -> list[StoredTurn]:
         rows = await self._call(self._redis.lrange(f"megrez:conv:{cid}:turns", 0, -1))
@@ -140,10 +163,11 @@ class RedisMemory:
     async def add_turn(self, cid: str, turn: StoredTurn) -> None:
         now = time.time()
         key, turns = f"megrez:conv:{cid}", f"megrez:conv:{cid}:turns"
+        owner = await self._call(self._redis.hget(key, "owner")) or ANONYMOUS
         async with self._redis.pipeline(transaction=True) as tx:
             tx.rpush(turns, turn.model_dump_json())
             tx.hset(key, "updated", now)
-            tx.zadd("megrez:convs", {cid: now})
+            tx.zadd(f"megrez:convs:{owner}", {cid: now})
             tx.expire(key, self.conversation_ttl_s)
             tx.expire(turns, self.conversation_ttl_s)
             await self._call(tx.execute())

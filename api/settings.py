@@ -9,7 +9,7 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from agent.config import AgentConfig
-from api.config import ApiConfig
+from api.config import ApiConfig, AuthConfig, RateConfig
 from engine.config import EngineConfig
 from retrieval.config import FetchConfig, SearchConfig, SelectConfig
 
@@ -26,3 +26,5 @@ class Settings(BaseSettings):
     engine: EngineConfig = EngineConfig()
     agent: AgentConfig = AgentConfig()
     api: ApiConfig = ApiConfig()
+    auth: AuthConfig = AuthConfig()
+    rate: RateConfig = RateConfig()

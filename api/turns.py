@@ -21,12 +21,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from agent import Agent
 from agent.events import Answer, AnswerEvent, ErrorEvent, Event, TokenEvent, TranscriptMessage, TurnRecord
 from agent.state import MediaItem
-from api.memory import Memory, MessageStatus, StoredTurn, new_id
+from api.memory import ANONYMOUS, Memory, MessageStatus, StoredTurn, TooManyTurns, new_id
+from api.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +79,7 @@ def _merge_tokens(events: list[Event]) -> list[Event]:
 @dataclass
 class _Running:
     conversation_id: str
+    owner: str = ANONYMOUS
     task: asyncio.Task | None = None
     text: list[str] = field(default_factory=list)  # token text so far (the partial answer if stopped)
 
@@ -91,10 +94,33 @@ class TurnRunner:
         async for event in memory.events(mid): ...
     """
 
-    def __init__(self, agent: Agent, memory: Memory) -> None:
+    def __init__(
+        self, agent: Agent, memory: Memory, *, concurrent_turns: int = 8, metrics: Metrics | None = None
+    ) -> None:
         self.agent = agent
         self.memory = memory
+        self.metrics = metrics or Metrics(running=lambda: len(self._running) + self.outside)
+        self.concurrent_turns = concurrent_turns  # per owner, across replicas (the store counts)
         self._running: dict[str, _Running] = {}  # message id → turn
+        self.outside = 0  # turns run outside start() (the OpenAI route), for the running-turns gauge
+
+    async def take_slot(self, owner: str, slot: str) -> None:
+        """One of the owner's concurrent-turn slots; :class:`api.memory.TooManyTurns` when none is free."""
+        if not await self.memory.acquire_slot(owner, slot, self.concurrent_turns):
+            raise TooManyTurns(f"{self.concurrent_turns} turns are already running for this caller; wait for one")
+
+    @contextlib.asynccontextmanager
+    async def slot(self, owner: str) -> AsyncIterator[None]:
+        """Hold a turn slot for a turn run outside :meth:`start` (the OpenAI route)."""
+        slot = new_id()
+        await self.take_slot(owner, slot)
+        self.outside += 1
+        try:
+            yield
+        finally:
+            self.outside -= 1
+            with contextlib.suppress(Exception):
+                await self.memory.release_slot(owner, slot)
 
     async def start(
         self,
@@ -105,12 +131,20 @@ class TurnRunner:
         media: list[MediaItem],
         mode: str | None = None,
         language: str | None = None,
+        owner: str = ANONYMOUS,
     ) -> str:
         """Start a turn and return its message id once its stream exists (events follow in memory).
-        Raises :class:`api.memory.ConversationBusy` while another turn of the conversation runs."""
+        Raises :class:`api.memory.ConversationBusy` while another turn of the conversation runs,
+        :class:`api.memory.TooManyTurns` when the owner has no free turn slot."""
         mid = new_id()
-        await self.memory.start_message(conversation_id, mid)
-        running = self._running[mid] = _Running(conversation_id)
+        await self.take_slot(owner, mid)
+        try:
+            await self.memory.start_message(conversation_id, mid)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await self.memory.release_slot(owner, mid)
+            raise
+        running = self._running[mid] = _Running(conversation_id, owner)
         turn = self.agent.run(question, history=history, media=media, mode=mode, language=language, request_id=mid)
         running.task = asyncio.create_task(self._run(mid, conversation_id, question, turn, running), name=f"turn-{mid}")
         return mid
@@ -124,6 +158,7 @@ class TurnRunner:
                 if isinstance(event, TokenEvent):
                     running.text.append(event.text)
                 writer.put(event)
+                self.metrics.observe(event)
                 if isinstance(event, AnswerEvent):
                     status = "done"
                 elif isinstance(event, ErrorEvent):
@@ -137,6 +172,7 @@ class TurnRunner:
                 return
             await turn.aclose()  # closes the engine stream: the request is aborted
             status = "stopped"
+            self.metrics.turns.labels("stopped").inc()
             partial = "".join(running.text)
             record = TurnRecord(
                 question=question,
@@ -152,6 +188,8 @@ class TurnRunner:
             self._running.pop(mid, None)
             with contextlib.suppress(Exception):
                 await self.memory.end_message(mid, status)
+            with contextlib.suppress(Exception):
+                await self.memory.release_slot(running.owner, mid)
 
     async def stop(self, mid: str) -> bool:
         """Stop a running turn of this process; ``False`` if it is not running here."""

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 from datetime import datetime
 from pathlib import Path
 
+import httpx
 import pytest
 
 from agent import Agent
 from agent.config import AgentConfig
 from agent.events import AnswerEvent, ErrorEvent
+from api.app import create_app
+from api.settings import Settings
 from retrieval.config import FetchConfig, SelectConfig
 from retrieval.fetch import Fetcher
 from retrieval.pipeline import Retriever
@@ -18,6 +23,7 @@ from retrieval.search.chain import SearchChain
 from retrieval.search.local import LocalCorpusBackend
 from scripts.megrez_tokenizer import build_megrez_tokenizer
 from scripts.scripted_engine import ScriptedEngine
+from tests.tiny_models import serve_in_process
 
 NOW = datetime(2024, 9, 20, 18, 42, 7)
 
@@ -98,3 +104,35 @@ def call(query: str, name: str = "googleWebSearch") -> str:
     """A tool call as the model writes it (the vendor's JSON spacing)."""
     body = json.dumps({"name": name, "arguments": {"query": query}}, ensure_ascii=False)
     return f"<|function_start|>{body}<|function_end|>"
+
+
+def parse_sse(text: str) -> list[dict]:
+    """SSE frames → [{"event", "id", "data"}] (comments skipped)."""
+    frames = []
+    for block in text.replace("\r\n", "\n").split("\n\n"):
+        frame: dict = {}
+        for line in block.split("\n"):
+            if line.startswith(":") or ":" not in line:
+                continue
+            key, _, value = line.partition(":")
+            frame[key] = frame.get(key, "") + value.removeprefix(" ")
+        if frame:
+            frames.append(frame)
+    return frames
+
+
+@contextlib.asynccontextmanager
+async def client_for(app):
+    """The app served by uvicorn on 127.0.0.1 (httpx's ASGI transport buffers whole responses, so it
+    cannot show streaming, disconnects or stops mid-stream)."""
+    async with app.router.lifespan_context(app):
+        await asyncio.wait_for(app.state.services.engine_ready.wait(), 5)
+        async with serve_in_process(app) as url, httpx.AsyncClient(base_url=url, timeout=30) as client:
+            yield client
+
+
+def app_with(tokenizer_dir, corpus_backend, memory, *script, settings: Settings | None = None, **engine_kw):
+    """The app on a scripted engine (``script``: its outputs, in order), the fixture corpus and ``memory``."""
+    engine = ScriptedEngine(tokenizer_dir, list(script), **engine_kw)
+    settings = settings or Settings(agent=AgentConfig(related=True))
+    return create_app(settings, engine=engine, retriever=make_retriever(corpus_backend), memory=memory), engine

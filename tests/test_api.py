@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 
 import httpx
@@ -17,47 +16,15 @@ from api.redis_memory import RedisMemory
 from api.settings import Settings
 from scripts.net import free_port
 from scripts.scripted_engine import ScriptedEngine
-from tests.agent_fixtures import call, make_retriever
-from tests.tiny_models import serve_in_process
+from tests.agent_fixtures import app_with, call, client_for, make_retriever, parse_sse
 
 ANSWER = "Gustave Eiffel's company designed it [citation:1].<|turn_end|>"
 RELATED = "1. When was it built?\n2. How tall is it?\n3. Who was Koechlin?<|turn_end|>"
 
 
-def parse_sse(text: str) -> list[dict]:
-    """SSE frames → [{"event", "id", "data"}] (comments skipped)."""
-    frames = []
-    for block in text.replace("\r\n", "\n").split("\n\n"):
-        frame: dict = {}
-        for line in block.split("\n"):
-            if line.startswith(":") or ":" not in line:
-                continue
-            key, _, value = line.partition(":")
-            frame[key] = frame.get(key, "") + value.removeprefix(" ")
-        if frame:
-            frames.append(frame)
-    return frames
-
-
-@contextlib.asynccontextmanager
-async def client_for(app):
-    """The app served by uvicorn on 127.0.0.1 (httpx's ASGI transport buffers whole responses, so it
-    cannot show streaming, disconnects or stops mid-stream)."""
-    async with app.router.lifespan_context(app):
-        await asyncio.wait_for(app.state.services.engine_ready.wait(), 5)
-        async with serve_in_process(app) as url, httpx.AsyncClient(base_url=url, timeout=30) as client:
-            yield client
-
-
 @pytest.fixture(params=["local", "redis"])
 def memory_factory(request, redis_url):
     return (lambda: LocalMemory()) if request.param == "local" else (lambda: RedisMemory(redis_url))
-
-
-def app_with(tokenizer_dir, corpus_backend, memory, *script, **engine_kw):
-    engine = ScriptedEngine(tokenizer_dir, list(script), **engine_kw)
-    settings = Settings(agent=AgentConfig(related=True))
-    return create_app(settings, engine=engine, retriever=make_retriever(corpus_backend), memory=memory), engine
 
 
 async def test_chat_streams_sse_with_meta_first_and_done_last(tokenizer_dir, corpus_backend, memory_factory):

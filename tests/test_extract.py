@@ -81,7 +81,11 @@ def test_undeclared_page_keeps_headings_trafilatura_drops_between_paragraphs() -
 def test_collection_item_titles_keep_word_boundaries() -> None:
     # brand and model sit in adjacent spans; gluing them would turn both into one unknown word
     text = extract(_wcxb("3002"), url="https://www.rei.com/c/climbing-shoes").text
-    titles = ["La Sportiva Aragon Climbing Shoes", "La Sportiva Tarantulace Climbing Shoes", "Scarpa Veloce Climbing Shoes"]
+    titles = [
+        "La Sportiva Aragon Climbing Shoes",
+        "La Sportiva Tarantulace Climbing Shoes",
+        "Scarpa Veloce Climbing Shoes",
+    ]
     assert all(title in text for title in titles)
     assert "SportivaAragon" not in text
 
@@ -92,7 +96,6 @@ def test_headline_is_not_repeated_as_first_paragraph() -> None:
     first = result.text.split("\n\n", 1)[0]
     assert words(first) != words(result.title)
     assert not set(words(result.title)) >= set(words(first))
-
 
 
 def test_aeb_trailing_newsletter_box_inside_article_is_dropped() -> None:

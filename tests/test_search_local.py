@@ -39,9 +39,7 @@ def write_folder(root: Path) -> Path:
         "Intro line.\n\n# Rivers of Europe\n\nThe Danube flows through ten countries before reaching the Black Sea.\n",
         encoding="utf-8",
     )
-    (corpus / "glaciers.txt").write_text(
-        "Glaciers are slow rivers of ice. Glaciers carve valleys.", encoding="utf-8"
-    )
+    (corpus / "glaciers.txt").write_text("Glaciers are slow rivers of ice. Glaciers carve valleys.", encoding="utf-8")
     (corpus / "notes.json").write_text('{"glaciers": "ignored, not a corpus file type"}', encoding="utf-8")
     (corpus / ".git" / "secret.txt").write_text("glaciers hidden", encoding="utf-8")
     return corpus
@@ -145,7 +143,11 @@ async def test_changed_corpus_is_reindexed(folder: Path, tmp_path: Path, monkeyp
 
 async def test_chinese_query_on_chinese_documents(tmp_path: Path):
     docs = [
-        {"url": "https://zh.example/wall", "title": "长城", "text": "长城是中国古代的军事防御工程，东起山海关，西至嘉峪关。"},
+        {
+            "url": "https://zh.example/wall",
+            "title": "长城",
+            "text": "长城是中国古代的军事防御工程，东起山海关，西至嘉峪关。",
+        },
         {"url": "https://zh.example/panda", "title": "大熊猫", "text": "大熊猫主要生活在四川的山区，以竹子为食。"},
         {"url": "https://en.example/wall", "title": "Great Wall", "text": "The Great Wall of China is very long."},
     ]

@@ -12,15 +12,16 @@ import asyncio
 import json
 from collections.abc import AsyncIterator
 
-from fastapi import APIRouter, Header, HTTPException, Query, Request
+from fastapi import APIRouter, Depends, Header, HTTPException, Query, Request
+from prometheus_client import Gauge
 from pydantic import ValidationError
 from sse_starlette.sse import EventSourceResponse
 
 from agent.state import MediaItem
 from api.config import ApiConfig
 from api.media import MediaRejected, check_media, decode_base64
-from api.memory import DONE, ConversationBusy, Memory, event_id_key
-from api.routes.deps import services, store_errors
+from api.memory import DONE, Memory, event_id_key
+from api.routes.deps import caller, owned_conversation, services, store_errors
 from api.schemas import ChatRequest, ChatResponse, MetaEvent
 
 router = APIRouter(tags=["chat"])
@@ -37,11 +38,16 @@ def _mode(websearch: str) -> str:
     return mode
 
 
-async def _sse(memory: Memory, cid: str, mid: str, after: str | None) -> AsyncIterator[dict]:
-    if after is None:
-        yield {"event": "meta", "id": "0-0", "data": MetaEvent(conversation_id=cid, message_id=mid).model_dump_json()}
-    async for event in memory.events(mid, after):
-        yield {"event": event.type, "id": event.id, "data": event.data}
+async def _sse(memory: Memory, cid: str, mid: str, after: str | None, streams: Gauge) -> AsyncIterator[dict]:
+    streams.inc()
+    try:
+        if after is None:
+            meta = MetaEvent(conversation_id=cid, message_id=mid).model_dump_json()
+            yield {"event": "meta", "id": "0-0", "data": meta}
+        async for event in memory.events(mid, after):
+            yield {"event": event.type, "id": event.id, "data": event.data}
+    finally:
+        streams.dec()
 
 
 async def _read_request(request: Request, limits: ApiConfig) -> tuple[ChatRequest, list[MediaItem]]:
@@ -98,6 +104,7 @@ async def chat(
     request: Request,
     websearch: str = Query("auto", description="off, auto (the model decides), always; true = auto, false = off"),
     stream: bool | None = Query(None, description="SSE instead of JSON (also chosen by Accept: text/event-stream)"),
+    owner: str = Depends(caller),
 ):
     """Ask a question: streams the agent's events as SSE, or waits and returns the structured answer."""
     mode = _mode(websearch)
@@ -109,22 +116,25 @@ async def chat(
         raise HTTPException(503, "engine loading")
     with store_errors():
         if body.conversation_id:
-            conversation = await svc.memory.get_conversation(body.conversation_id)
-            if conversation is None:
-                raise HTTPException(404, f"unknown conversation {body.conversation_id}")
+            conversation = await owned_conversation(request, body.conversation_id, owner)
             history = [t.record for t in await svc.memory.turns(conversation.id) if t.status == "done"]
         else:
-            conversation, history = await svc.memory.create_conversation(body.message), []
+            conversation, history = await svc.memory.create_conversation(body.message, owner), []
         for item in media:
             await svc.memory.put_media(item.data)  # stored once by content hash; the record keeps the hash
-        try:
-            mid = await svc.runner.start(
-                conversation.id, body.message, history=history, media=media, mode=mode, language=body.language
-            )
-        except ConversationBusy as exc:
-            raise HTTPException(409, str(exc)) from exc
+        mid = await svc.runner.start(
+            conversation.id,
+            body.message,
+            history=history,
+            media=media,
+            mode=mode,
+            language=body.language,
+            owner=owner,
+        )
     if stream or (stream is None and "text/event-stream" in request.headers.get("accept", "")):
-        return EventSourceResponse(_sse(svc.memory, conversation.id, mid, None), ping=15, headers=SSE_HEADERS)
+        return EventSourceResponse(
+            _sse(svc.memory, conversation.id, mid, None, svc.runner.metrics.streams), ping=15, headers=SSE_HEADERS
+        )
     answer = error = None
     status = "running"
     with store_errors():
@@ -138,37 +148,46 @@ async def chat(
     return ChatResponse(conversation_id=conversation.id, message_id=mid, status=status, answer=answer, error=error)
 
 
+async def _owned_message(request: Request, message_id: str, owner: str):
+    """The message's (conversation id, status) if its conversation is the owner's; 404 otherwise."""
+    known = await services(request).memory.message_status(message_id)
+    if known is not None:
+        conversation = await services(request).memory.get_conversation(known[0])
+        if conversation is not None and conversation.owner == owner:
+            return known
+    raise HTTPException(404, f"unknown or expired message {message_id}")
+
+
 @router.get("/chat/{message_id}/events")
 async def resume(
     message_id: str,
     request: Request,
     last_event_id: str | None = Query(None, description="Replay what came after this id (or the Last-Event-ID header)"),
     last_event_header: str | None = Header(None, alias="Last-Event-ID"),
+    owner: str = Depends(caller),
 ):
     """The message's events after the given id, then live until it ends."""
     svc = services(request)
     with store_errors():
-        known = await svc.memory.message_status(message_id)
-    if known is None:
-        raise HTTPException(404, f"unknown or expired message {message_id}")
+        known = await _owned_message(request, message_id, owner)
     after = last_event_header or last_event_id
     if after is not None:
         try:
             event_id_key(after)
         except ValueError as exc:
             raise HTTPException(400, f"Last-Event-ID: {exc}") from None
-    return EventSourceResponse(_sse(svc.memory, known[0], message_id, after), ping=15, headers=SSE_HEADERS)
+    return EventSourceResponse(
+        _sse(svc.memory, known[0], message_id, after, svc.runner.metrics.streams), ping=15, headers=SSE_HEADERS
+    )
 
 
 @router.post("/chat/{message_id}/stop")
-async def stop(message_id: str, request: Request) -> dict[str, str]:
+async def stop(message_id: str, request: Request, owner: str = Depends(caller)) -> dict[str, str]:
     """Stop a running turn (the engine request is aborted; the partial answer is saved as stopped), on
     whichever replica runs it."""
     svc = services(request)
     with store_errors():
-        known = await svc.memory.message_status(message_id)
-        if known is None:
-            raise HTTPException(404, f"unknown or expired message {message_id}")
+        known = await _owned_message(request, message_id, owner)
         if known[1] == "running" and not await svc.runner.stop(message_id):
             await svc.memory.request_stop(message_id)  # another replica runs it: it hears this and stops
             deadline = asyncio.get_running_loop().time() + STOP_WAIT_S

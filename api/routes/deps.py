@@ -7,17 +7,35 @@ from collections.abc import Iterator
 
 from fastapi import HTTPException, Request
 
-from api.memory import StoreUnavailable
+from api.memory import Conversation, ConversationBusy, StoreUnavailable, TooManyTurns
 
 
 def services(request: Request):
     return request.app.state.services
 
 
+async def caller(request: Request) -> str:
+    """The caller's owner id after its key and rate limit (401 / 429); see ``api/access.py``."""
+    return await services(request).access.check(request)
+
+
+async def owned_conversation(request: Request, cid: str, owner: str) -> Conversation:
+    """The conversation if this owner has it; 404 otherwise (another owner's looks like none)."""
+    conversation = await services(request).memory.get_conversation(cid)
+    if conversation is None or conversation.owner != owner:
+        raise HTTPException(404, f"unknown conversation {cid}")
+    return conversation
+
+
 @contextlib.contextmanager
 def store_errors() -> Iterator[None]:
-    """A memory store that is down answers 503 at once (never a 500, never a hang)."""
+    """A memory store that is down answers 503 at once (never a 500, never a hang); a busy conversation 409;
+    no free turn slot 429."""
     try:
         yield
     except StoreUnavailable as exc:
         raise HTTPException(503, f"conversation memory unavailable: {exc}") from exc
+    except ConversationBusy as exc:
+        raise HTTPException(409, str(exc)) from exc
+    except TooManyTurns as exc:
+        raise HTTPException(429, str(exc), headers={"Retry-After": "5"}) from exc

@@ -1,8 +1,12 @@
-"""``/healthz``: the process answers. ``/readyz``: the engine is up and the memory store reachable."""
+"""``/healthz``: the process answers. ``/readyz``: the engine is up and the memory store reachable.
+
+Both answer without an API key (orchestrators and container health checks probe them); when keys are
+configured, ``/readyz`` tells the problems only to a caller with a valid key.
+"""
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import JSONResponse
 
 from api.memory import StoreUnavailable
@@ -29,4 +33,9 @@ async def readyz(request: Request) -> JSONResponse:
     except StoreUnavailable as exc:
         problems.append(str(exc))
     body = {"ready": not problems, "problems": problems, "engine": svc.engine.backend}
+    if svc.access.keys_required:
+        try:
+            svc.access.owner(request)
+        except HTTPException:
+            body = {"ready": not problems}
     return JSONResponse(body, status_code=200 if not problems else 503)

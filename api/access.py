@@ -1,0 +1,100 @@
+"""Who is calling, how often, how much at once: API keys, owners, rate limits, turn slots.
+
+Keys (``MEGREZ_AUTH__API_KEYS``): when any are configured, every route except ``/healthz`` needs
+``Authorization: Bearer <key>`` (401 otherwise). A key may be configured by its SHA-256
+(``"sha256:<hex>"``) so the secret need not sit in the environment. Comparison is constant-time.
+
+Owners: what a caller creates (conversations, their messages and streams) belongs to its *owner* —
+``key-<first 16 hex of the key's SHA-256>``, or ``anonymous`` without keys — and another owner gets
+404 on read, resume, stop and delete, as if it did not exist.
+
+Rate limits (``MEGREZ_RATE__REQUESTS``, e.g. ``300/minute``): a moving window per owner (per client
+IP without keys) with the maintained ``limits`` package, in Redis when configured (shared by the
+replicas) else in process; over the limit is a 429 with ``Retry-After``. Concurrent turns per owner
+(``MEGREZ_RATE__CONCURRENT_TURNS``) are counted by the memory store (``acquire_slot``), across replicas.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import math
+import time
+
+from fastapi import HTTPException, Request
+
+from api.config import AuthConfig, RateConfig
+
+log = logging.getLogger(__name__)
+
+ANONYMOUS = "anonymous"
+
+
+def owner_of_key(key: str) -> str:
+    return "key-" + hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+class Access:
+    """Checks a request's key and rate; one per app (built from the settings in the lifespan).
+
+    Example::
+
+        access = Access(AuthConfig(api_keys=["s3cret"]), RateConfig(), redis_url=None)
+        owner = await access.check(request)  # raises HTTPException 401 / 429
+    """
+
+    def __init__(self, auth: AuthConfig, rate: RateConfig, *, redis_url: str | None) -> None:
+        from limits import parse
+        from limits.aio.strategies import MovingWindowRateLimiter
+
+        self._digests = [
+            bytes.fromhex(k.removeprefix("sha256:")) if k.startswith("sha256:") else hashlib.sha256(k.encode()).digest()
+            for k in auth.api_keys
+        ]
+        self.rate = parse(rate.requests) if rate.requests else None
+        self.concurrent_turns = rate.concurrent_turns
+        if redis_url:
+            from limits.aio.storage import RedisStorage
+
+            storage = RedisStorage("async+" + redis_url, implementation="redispy", key_prefix="megrez:rate")
+        else:
+            from limits.aio.storage import MemoryStorage
+
+            storage = MemoryStorage()
+        self._limiter = MovingWindowRateLimiter(storage)
+
+    @property
+    def keys_required(self) -> bool:
+        return bool(self._digests)
+
+    def owner(self, request: Request) -> str:
+        """The caller's owner id; 401 when keys are configured and none (or a wrong one) was sent."""
+        if not self._digests:
+            return ANONYMOUS
+        scheme, _, key = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not key.strip():
+            raise HTTPException(401, "this service needs an API key: send Authorization: Bearer <key>")
+        digest = hashlib.sha256(key.strip().encode()).digest()
+        if not any(hmac.compare_digest(digest, known) for known in self._digests):
+            raise HTTPException(401, "the API key is not valid")
+        return owner_of_key(key.strip())
+
+    async def check(self, request: Request) -> str:
+        """The owner, after the key and the rate limit (429 with ``Retry-After`` when over it)."""
+        owner = self.owner(request)
+        if self.rate is not None:
+            who = owner if self._digests else f"ip-{request.client.host if request.client else 'unknown'}"
+            try:
+                allowed = await self._limiter.hit(self.rate, who)
+            except Exception as exc:  # the limiter's store is down: serve rather than refuse everyone
+                log.warning("rate limit not checked (%s: %s)", type(exc).__name__, exc)
+                allowed = True
+            if not allowed:
+                stats = await self._limiter.get_window_stats(self.rate, who)
+                retry = max(1, math.ceil(stats.reset_time - time.time()))
+                raise HTTPException(
+                    429, f"rate limit of {self.rate} exceeded; retry in {retry} s", headers={"Retry-After": str(retry)}
+                )
+        request.state.owner = owner
+        return owner

@@ -1,0 +1,149 @@
+"""``POST /v1/chat/completions`` (stream and not) and ``GET /v1/models``: the agent behind OpenAI's API.
+
+The shapes and what is honoured are in ``api/openai_compat.py``. A request is one stateless turn
+(the client sends the whole conversation each time, as OpenAI clients do): nothing is stored, and a
+client that goes away closes the turn, which aborts the engine request. Errors use OpenAI's shape,
+so the official ``openai`` package raises its own exceptions (``BadRequestError``, …).
+
+Streaming: the first chunk carries ``role``, then one chunk per ``token`` event; the final chunk
+carries ``finish_reason``, the ``annotations`` in its delta and ``usage`` (also in a separate
+usage-only chunk when ``stream_options.include_usage`` is set, as OpenAI does). Text the model wrote
+before deciding to search (a ``preamble``) has already been streamed and cannot be taken back: a blank
+line separates it from the answer, and the annotations' indices count it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from collections.abc import AsyncIterator
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse
+from sse_starlette.sse import EventSourceResponse
+from starlette.background import BackgroundTask
+
+from agent.events import AnswerEvent, ErrorEvent, PreambleEvent, TokenEvent
+from api.memory import new_id
+from api.metrics import Metrics
+from api.openai_compat import (
+    ChatCompletionRequest,
+    OpenAIError,
+    annotations,
+    chunk,
+    completion,
+    read_request,
+    usage,
+)
+from api.routes.deps import caller, services, store_errors
+
+router = APIRouter(prefix="/v1", tags=["openai"])
+
+_ERROR_STATUS = {"invalid_request": 400, "too_long": 400, "invalid_media": 400, "engine_unavailable": 503}
+SERVICE_MODEL = "megrez-search"
+
+
+def _models(request: Request) -> list[str]:
+    return [SERVICE_MODEL, services(request).engine.model]
+
+
+@router.get("/models", dependencies=[Depends(caller)])
+async def models(request: Request) -> dict:
+    """The model names this service answers to (the service itself and the engine's model)."""
+    return {
+        "object": "list",
+        "data": [
+            {"id": m, "object": "model", "created": 0, "owned_by": "megrez-search"}
+            for m in dict.fromkeys(_models(request))
+        ],
+    }
+
+
+def _error_of(event: ErrorEvent) -> OpenAIError:
+    status = _ERROR_STATUS.get(event.code, 500)
+    return OpenAIError(
+        status, event.message, type_="invalid_request_error" if status < 500 else "server_error", code=event.code
+    )
+
+
+@router.post("/chat/completions")
+async def chat_completions(request: Request, body: ChatCompletionRequest, owner: str = Depends(caller)):
+    """An answer with web search and citations, in OpenAI's chat-completions shape."""
+    svc = services(request)
+    if body.model not in _models(request):
+        raise OpenAIError(
+            404, f"the model {body.model!r} does not exist; see GET /v1/models", param="model", code="model_not_found"
+        )
+    if svc.engine_error:
+        raise OpenAIError(503, f"the model engine failed to start: {svc.engine_error}", type_="server_error")
+    if not svc.engine_ready.is_set():
+        raise OpenAIError(503, "engine loading", type_="server_error", code="engine_loading")
+    turn_request = read_request(body, svc.settings.agent, svc.settings.api)
+    slot = contextlib.AsyncExitStack()
+    with store_errors():  # no free turn slot: 429
+        await slot.enter_async_context(svc.runner.slot(owner))
+    turn = svc.runner.agent.run(
+        turn_request.question,
+        history=turn_request.history,
+        media=turn_request.media,
+        mode=turn_request.mode,
+        config=turn_request.config,
+    )
+    cid, metrics = f"chatcmpl-{new_id()}", svc.runner.metrics
+    if body.stream:
+        include_usage = bool((body.stream_options or {}).get("include_usage"))
+        events = _stream(turn, cid, body.model, include_usage, metrics, slot)
+        # The slot is also released after the response, in case the client left before the stream began.
+        return EventSourceResponse(events, ping=15, background=BackgroundTask(slot.aclose))
+    async with slot:
+        async for event in turn:
+            metrics.observe(event)
+            if isinstance(event, ErrorEvent):
+                raise _error_of(event)
+            if isinstance(event, AnswerEvent):
+                return JSONResponse(completion(cid, body.model, event.answer))
+    raise OpenAIError(500, "the turn ended without an answer", type_="server_error")
+
+
+async def _stream(
+    turn, cid: str, model: str, include_usage: bool, metrics: Metrics, slot: contextlib.AsyncExitStack
+) -> AsyncIterator[dict]:
+    created = int(time.time())
+    streamed = ""
+
+    def data(payload: dict) -> dict:
+        return {"data": json.dumps(payload, ensure_ascii=False)}
+
+    metrics.streams.inc()
+    try:
+        yield data(chunk(cid, model, created, {"role": "assistant", "content": ""}))
+        async for event in turn:
+            metrics.observe(event)
+            if isinstance(event, TokenEvent) and event.text:
+                streamed += event.text
+                yield data(chunk(cid, model, created, {"content": event.text}))
+            elif isinstance(event, PreambleEvent) and streamed:
+                streamed += "\n\n"
+                yield data(chunk(cid, model, created, {"content": "\n\n"}))
+            elif isinstance(event, ErrorEvent):
+                yield data(_error_of(event).body())
+                return
+            elif isinstance(event, AnswerEvent):
+                answer = event.answer
+                # The answer is what was streamed after the last preamble: its markers' indices start there.
+                offset = len(streamed) - len(answer.answer) if streamed.endswith(answer.answer) else None
+                marks = (
+                    annotations(answer.answer, answer, offset) if offset is not None else annotations(streamed, answer)
+                )
+                final = chunk(cid, model, created, {"annotations": marks}, "stop")
+                final["usage"] = usage(answer)
+                yield data(final)
+                if include_usage:
+                    usage_only = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model}
+                    yield data(usage_only | {"choices": [], "usage": usage(answer)})
+        yield {"data": "[DONE]"}
+    finally:
+        metrics.streams.dec()
+        await turn.aclose()  # a client that went away: the engine request is aborted
+        await slot.aclose()
