@@ -243,16 +243,18 @@ def cmd_serve(args: argparse.Namespace) -> None:
     import uvicorn
 
     from api.app import create_app
+    from api.logs import configure
 
     os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
     settings = _settings()
+    configure(args.log_format)
     print(
         f"megrez-search: serving on http://{args.host}:{args.port} (engine: {settings.engine.backend}, "
         f"{settings.engine.model}; GET /readyz says when it is loaded)",
         file=sys.stderr,
         flush=True,
     )
-    uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="info")
+    uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="info", log_config=None)
 
 
 def _read_file(path: str, option: str) -> bytes:
@@ -312,6 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="run the HTTP API (POST /chat with SSE, conversations, health)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--log-format", choices=("text", "json"), default="text", help="log lines as text or JSON")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("support", help="score claim/passage pairs with the citation support check (JSONL in/out)")

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from agent import Agent
 from agent.events import Answer, AnswerEvent, ErrorEvent, Event, TokenEvent, TranscriptMessage, TurnRecord
 from agent.state import MediaItem
+from api.logs import MESSAGE_ID
 from api.memory import ANONYMOUS, Memory, MessageStatus, StoredTurn, TooManyTurns, new_id
 from api.metrics import Metrics
 
@@ -150,6 +151,7 @@ class TurnRunner:
         return mid
 
     async def _run(self, mid: str, cid: str, question: str, turn, running: _Running) -> None:
+        MESSAGE_ID.set(mid)  # this task's logs (and its children's) carry the message id
         status: MessageStatus = "failed"
         writer = _EventWriter(self.memory, mid)
         saved = False

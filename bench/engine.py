@@ -186,7 +186,8 @@ def main() -> None:
     parser.add_argument("--shape-tokens", type=int, default=16, help="tokens generated per request, real shape")
     parser.add_argument("--skip-shape", action="store_true", help="only the tiny model")
     parser.add_argument(
-        "--model", help="a real checkpoint (folder or hub id) to measure instead of the built-in test models (GPU hosts)"
+        "--model",
+        help="a real checkpoint (folder or hub id) to measure instead of the built-in test models (GPU hosts)",
     )
     asyncio.run(main_async(parser.parse_args()))
 

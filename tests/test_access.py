@@ -137,3 +137,26 @@ async def test_metrics_count_requests_turns_tokens_and_searches(tokenizer_dir, c
     tokens_in = next(line for line in text.splitlines() if line.startswith('megrez_tokens_total{direction="in"}'))
     assert float(tokens_in.split()[-1]) > 0
     assert "megrez_active_streams 0.0" in text and "megrez_turns_running 0.0" in text
+
+
+async def test_log_lines_carry_the_message_id(tokenizer_dir, corpus_backend):
+    import io
+    import logging
+
+    from api.logs import configure
+
+    buffer, root = io.StringIO(), logging.getLogger()
+    saved = root.handlers[:], root.level
+    configure("json", stream=buffer)
+    try:
+        bad = "It was Eiffel [citation:9].<|turn_end|>"  # a number that points nowhere: dropped and logged
+        settings = Settings(agent=AgentConfig(related=False))
+        app, _ = app_with(tokenizer_dir, corpus_backend, LocalMemory(), call("Eiffel Tower"), bad, settings=settings)
+        async with client_for(app) as client:
+            mid = (await client.post("/chat", json={"message": "Who?"})).json()["message_id"]
+    finally:
+        root.handlers[:], root.level = saved
+    records = [json.loads(line) for line in buffer.getvalue().splitlines() if line.startswith("{")]
+    dropped = [r for r in records if r["logger"] == "agent.citations"]
+    assert dropped and all(r["message_id"] == mid for r in dropped)
+    assert {"time", "level", "message"} <= set(dropped[0])

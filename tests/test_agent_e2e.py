@@ -8,6 +8,7 @@ that `megrez-search ask` does the same against a remote OpenAI-compatible server
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import sys
@@ -118,3 +119,77 @@ def test_error_event_codes_are_documented():
     codes = ErrorEvent.model_fields["code"].annotation.__args__
     readme = (PROJECT / "README.md").read_text(encoding="utf-8")
     assert all(f"`{code}`" in readme for code in codes)
+
+
+async def test_two_api_processes_share_one_redis_and_one_remote_engine(remote_url, redis_url, tmp_path):
+    """Scale-out: a turn started on one server process resumes, from the middle, on the other."""
+    import httpx
+
+    from scripts.net import free_port
+    from tests.agent_fixtures import parse_sse
+
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps(d, ensure_ascii=False) + "\n" for d in DOCUMENTS), encoding="utf-8")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MEGREZ_")} | {
+        "PYTHONPATH": str(PROJECT),
+        "MEGREZ_REDIS_URL": redis_url,
+        "MEGREZ_ENGINE__BACKEND": "openai",
+        "MEGREZ_ENGINE__OPENAI_BASE_URL": remote_url,
+        "MEGREZ_ENGINE__MODEL": "/nonexistent",
+        "MEGREZ_SEARCH__BACKENDS": '["local"]',
+        "MEGREZ_SEARCH__CORPUS_PATH": str(corpus),
+        "MEGREZ_SEARCH__INDEX_DIR": str(tmp_path / "index"),
+        "MEGREZ_AGENT__ANSWER_TOKENS": "64",
+        "MEGREZ_AGENT__RELATED": "false",
+    }
+    ports = [free_port(), free_port()]
+    servers = [
+        await asyncio.create_subprocess_exec(
+            *(sys.executable, "-m", "api.cli", "serve", "--port", str(port)),
+            cwd=tmp_path,
+            env=env,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        for port in ports
+    ]
+    try:
+        one, two = (httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=60) for port in ports)
+        async with one, two:
+            for client in (one, two):
+                for _ in range(300):
+                    with contextlib.suppress(httpx.TransportError):
+                        if (await client.get("/readyz")).status_code == 200:
+                            break
+                    await asyncio.sleep(0.1)
+                else:
+                    raise AssertionError("a server did not become ready")
+            seen = ""
+            async with one.stream(
+                "POST",
+                "/chat?websearch=always",
+                json={"message": "Who designed the Eiffel Tower?"},
+                headers={"Accept": "text/event-stream"},
+            ) as response:
+                assert response.status_code == 200
+                async for text in response.aiter_text():
+                    seen += text.replace("\r\n", "\n")
+                    if sum(f.get("event") == "sources" for f in parse_sse(seen)) >= 1:
+                        break  # the connection drops after the sources
+            complete = parse_sse(seen[: seen.rfind("\n\n") + 2])
+            meta, last = json.loads(complete[0]["data"]), complete[-1]["id"]
+            rest = parse_sse(
+                (await two.get(f"/chat/{meta['message_id']}/events", headers={"Last-Event-ID": last})).text
+            )
+            ids = [tuple(map(int, f["id"].split("-"))) for f in complete[1:] + rest]
+            assert ids == sorted(ids) and len(set(ids)) == len(ids)  # nothing twice, nothing out of order
+            assert rest[-1]["event"] == "done" and json.loads(rest[-1]["data"])["status"] == "done"
+            answer = next(json.loads(f["data"]) for f in rest if f["event"] == "answer")["answer"]
+            streamed = "".join(json.loads(f["data"])["text"] for f in complete + rest if f.get("event") == "token")
+            assert answer["answer"] in streamed or answer["notes"]
+            stored = (await two.get(f"/conversations/{meta['conversation_id']}")).json()
+            assert stored["turns"][0]["answer"]["answer"] == answer["answer"]
+    finally:
+        for server in servers:
+            server.terminate()
+            await server.wait()

@@ -162,6 +162,6 @@ def test_the_command_module_imports_nothing_that_breaks_vllm_workers():
 
 
 def test_a_bad_setting_is_a_one_line_usage_error(monkeypatch, capsys):
-    monkeypatch.setenv("MEGREZ_AGENT__ANSWER_TOKENS", "3")
+    monkeypatch.setenv("MEGREZ_AGENT__ANSWER_TOKENS", "0")
     code, out, err = run(monkeypatch, capsys, ["ask", "q"])
     assert code == 2 and out == "" and "MEGREZ_AGENT__ANSWER_TOKENS" in err and "Traceback" not in err

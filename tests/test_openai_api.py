@@ -20,7 +20,9 @@ ANSWER = "Gustave Eiffel's company designed it [citation:1]. It opened in 1889 [
 @contextlib.asynccontextmanager
 async def openai_client(app, **kw):
     async with client_for(app) as http:
-        async with openai.AsyncOpenAI(base_url=str(http.base_url).rstrip("/") + "/v1", api_key=kw.pop("key", "none"), **kw) as client:
+        async with openai.AsyncOpenAI(
+            base_url=str(http.base_url).rstrip("/") + "/v1", api_key=kw.pop("key", "none"), **kw
+        ) as client:
             yield client
 
 

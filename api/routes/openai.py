@@ -25,6 +25,7 @@ from sse_starlette.sse import EventSourceResponse
 from starlette.background import BackgroundTask
 
 from agent.events import AnswerEvent, ErrorEvent, PreambleEvent, TokenEvent
+from api.logs import MESSAGE_ID
 from api.memory import new_id
 from api.metrics import Metrics
 from api.openai_compat import (
@@ -83,14 +84,16 @@ async def chat_completions(request: Request, body: ChatCompletionRequest, owner:
     slot = contextlib.AsyncExitStack()
     with store_errors():  # no free turn slot: 429
         await slot.enter_async_context(svc.runner.slot(owner))
+    cid, metrics = f"chatcmpl-{new_id()}", svc.runner.metrics
+    MESSAGE_ID.set(cid)  # this request's logs carry the completion id
     turn = svc.runner.agent.run(
         turn_request.question,
         history=turn_request.history,
         media=turn_request.media,
         mode=turn_request.mode,
         config=turn_request.config,
+        request_id=cid,
     )
-    cid, metrics = f"chatcmpl-{new_id()}", svc.runner.metrics
     if body.stream:
         include_usage = bool((body.stream_options or {}).get("include_usage"))
         events = _stream(turn, cid, body.model, include_usage, metrics, slot)
