@@ -10,6 +10,7 @@ from typing import Any, Final
 from agent.context import TurnContext
 from agent.events import MediaRef
 from agent.state import MediaItem
+from engine.base import media_refusal
 from engine.omni.errors import MediaError
 from engine.protocol import Message, detect_language, render_observation
 from prompts.search import SEARCH_FUNCTION_NAME
@@ -66,6 +67,8 @@ def media_request(
     ``notes`` on anything downscaled or cut), or ``None`` without media. Raises ``MediaError``."""
     if not media:
         return None
+    if why := media_refusal(ctx.engine, (m.kind for m in media)):
+        raise MediaError(why)
     encoder = ctx.codec.encoder
     if encoder is None:
         raise MediaError("images and audio need the model's tokenizer on this machine (the embedded vLLM engine)")

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 from agent.state import MediaItem
 from api.config import ApiConfig
+from engine.base import Engine, media_refusal
 
 
 class MediaRejected(ValueError):
@@ -58,8 +59,12 @@ def check_audio(data: bytes, name: str, config: ApiConfig) -> MediaItem:
     return MediaItem("audio", data)
 
 
-def check_media(images: Sequence[bytes], audio: Sequence[bytes], config: ApiConfig) -> list[MediaItem]:
-    """The request's media as items for the agent, images first, in the order sent."""
+def check_media(images: Sequence[bytes], audio: Sequence[bytes], config: ApiConfig, engine: Engine) -> list[MediaItem]:
+    """The request's media as items for the agent, images first, in the order sent; ``engine``'s model
+    must read each kind sent."""
+    for name, kind, items in (("images", "image", images), ("audio", "audio", audio)):
+        if items and (why := media_refusal(engine, [kind])):
+            raise MediaRejected(f"{name}: {why}")
     if len(images) > config.max_images:
         raise MediaRejected(f"images: {len(images)} sent, at most {config.max_images} allowed")
     if len(audio) > config.max_audio:

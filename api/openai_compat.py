@@ -33,6 +33,7 @@ from agent.events import Answer, TranscriptMessage, TurnRecord
 from agent.state import MediaItem
 from api.config import ApiConfig
 from api.media import MediaRejected, check_media, decode_base64
+from engine.base import Engine
 
 # Field → the values that mean "not used" (accepted and ignored); anything else is a 400.
 UNSUPPORTED: dict[str, tuple[Any, ...]] = {
@@ -112,8 +113,9 @@ class TurnRequest(BaseModel):
     config: AgentConfig
 
 
-def read_request(body: ChatCompletionRequest, base: AgentConfig, limits: ApiConfig) -> TurnRequest:
-    """The turn a request asks for; :class:`OpenAIError` (400, naming the field) when it cannot be served."""
+def read_request(body: ChatCompletionRequest, base: AgentConfig, limits: ApiConfig, engine: Engine) -> TurnRequest:
+    """The turn a request asks for; :class:`OpenAIError` (400, naming the field) when it cannot be served
+    (``engine``: the loaded model, for the media it reads)."""
     extra = body.model_extra or {}
     for name, accepted in UNSUPPORTED.items():
         if name in extra and extra[name] not in accepted:
@@ -150,7 +152,7 @@ def read_request(body: ChatCompletionRequest, base: AgentConfig, limits: ApiConf
             code="string_above_max_length",
         )
     try:
-        media = check_media(images, audio, limits)
+        media = check_media(images, audio, limits, engine)
     except MediaRejected as exc:
         raise OpenAIError(400, str(exc), param="messages") from None
     mode: SearchMode = body.megrez_websearch or ("always" if body.web_search_options is not None else "auto")

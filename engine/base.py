@@ -9,7 +9,7 @@ tokens are rendered by ``engine.protocol``, never by the server.
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Protocol, Self
@@ -121,6 +121,16 @@ def stop_markers(tokenizer: TokenizerLike | None) -> tuple[tuple[int, ...], tupl
     return ids, strings
 
 
+MEDIA_KINDS = frozenset({"image", "audio"})  # what Megrez-3B-Omni reads besides text
+
+
+def media_refusal(engine: Engine, kinds: Iterable[str]) -> str | None:
+    """Why ``engine``'s model cannot take media of these ``kinds`` (``"image"``, ``"audio"``), or ``None``."""
+    if missing := sorted(set(kinds) - engine.media):
+        return f"the loaded model ({engine.model}) does not read {' or '.join(missing)}; media need Megrez-3B-Omni"
+    return None
+
+
 class Engine(abc.ABC):
     """A text-generation engine: start it once, stream completions, shut it down.
 
@@ -144,6 +154,11 @@ class Engine(abc.ABC):
     @abc.abstractmethod
     def tokenizer(self) -> TokenizerLike | None:
         """The model's tokenizer; ``None`` only for a remote engine without a local copy."""
+
+    @property
+    def media(self) -> frozenset[str]:
+        """What the model reads besides text (``"image"``, ``"audio"``); empty for a text-only model."""
+        return frozenset()
 
     @abc.abstractmethod
     async def start(self) -> None: ...

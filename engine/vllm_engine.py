@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from engine.base import (
+    MEDIA_KINDS,
     Delta,
     Engine,
     EngineError,
@@ -65,6 +66,11 @@ class VLLMEngine(Engine):
     @property
     def tokenizer(self) -> TokenizerLike:
         return self.llm.get_tokenizer()
+
+    @property
+    def media(self) -> frozenset[str]:
+        # vLLM knows from the model class (Megrez-3B-Omni through our plugin); the Omni model takes both kinds.
+        return MEDIA_KINDS if self._llm is not None and self._llm.model_config.is_multimodal_model else frozenset()
 
     async def start(self) -> None:
         if self._llm is not None:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from engine.base import STOP_TOKENS, Delta, Engine, EngineError, Health, MultiModalData, Prompt, Sampling
+from engine.base import MEDIA_KINDS, STOP_TOKENS, Delta, Engine, EngineError, Health, MultiModalData, Prompt, Sampling
 from engine.protocol import FUNCTION_END, FUNCTION_START
 
 Script = str | Exception | Callable[["Request"], str]
@@ -47,6 +47,7 @@ class ScriptedEngine(Engine):
     max_len: int = 4096
     chunk_chars: int = 3
     delay_s: float = 0.0  # per chunk: a fixed streaming rate (a consumer behind it gets merged deltas)
+    media: frozenset[str] = MEDIA_KINDS  # what it claims to read besides text (as Megrez-3B-Omni does)
     requests: list[Request] = field(default_factory=list)
     backend = "scripted"
 

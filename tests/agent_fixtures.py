@@ -1,4 +1,5 @@
-"""Shared pieces of the agent tests: a small local corpus, a retriever over it, a scripted agent."""
+"""Shared pieces of the agent and API tests: a small local corpus, a retriever over it, a scripted agent,
+the app on a scripted engine, SSE parsing, small media files."""
 
 from __future__ import annotations
 
@@ -136,3 +137,24 @@ def app_with(tokenizer_dir, corpus_backend, memory, *script, settings: Settings 
     engine = ScriptedEngine(tokenizer_dir, list(script), **engine_kw)
     settings = settings or Settings(agent=AgentConfig(related=True))
     return create_app(settings, engine=engine, retriever=make_retriever(corpus_backend), memory=memory), engine
+
+
+def png(width: int = 64, height: int = 64) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, height), "blue").save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def wav(seconds: float) -> bytes:
+    import io
+
+    import numpy as np
+    import soundfile
+
+    buffer = io.BytesIO()
+    soundfile.write(buffer, np.zeros(int(16000 * seconds), dtype=np.float32), 16000, format="WAV")
+    return buffer.getvalue()

@@ -16,7 +16,7 @@ from api.redis_memory import RedisMemory
 from api.settings import Settings
 from scripts.net import free_port
 from scripts.scripted_engine import ScriptedEngine
-from tests.agent_fixtures import app_with, call, client_for, make_retriever, parse_sse
+from tests.agent_fixtures import app_with, call, client_for, make_retriever, parse_sse, png, wav
 
 ANSWER = "Gustave Eiffel's company designed it [citation:1].<|turn_end|>"
 RELATED = "1. When was it built?\n2. How tall is it?\n3. Who was Koechlin?<|turn_end|>"
@@ -273,27 +273,6 @@ async def test_stop_and_the_one_turn_rule_hold_across_replicas(tokenizer_dir, co
         assert [t["status"] for t in turns] == ["stopped"] and slow.startswith(turns[0]["answer"]["answer"])
         again = await b.post("/chat?websearch=off", json={"message": "again", "conversation_id": cid})
         assert again.status_code == 200 and again.json()["status"] == "done"  # the conversation is free
-
-
-def png(width: int = 64, height: int = 64) -> bytes:
-    import io
-
-    from PIL import Image
-
-    buffer = io.BytesIO()
-    Image.new("RGB", (width, height), "blue").save(buffer, "PNG")
-    return buffer.getvalue()
-
-
-def wav(seconds: float) -> bytes:
-    import io
-
-    import numpy as np
-    import soundfile
-
-    buffer = io.BytesIO()
-    soundfile.write(buffer, np.zeros(int(16000 * seconds), dtype=np.float32), 16000, format="WAV")
-    return buffer.getvalue()
 
 
 async def test_images_as_base64_json_and_as_multipart_reach_the_engine(tokenizer_dir, corpus_backend):

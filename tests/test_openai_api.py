@@ -12,7 +12,7 @@ import pytest
 from agent.config import AgentConfig
 from api.memory import LocalMemory
 from api.settings import Settings
-from tests.agent_fixtures import app_with, call, client_for
+from tests.agent_fixtures import app_with, call, client_for, png
 
 ANSWER = "Gustave Eiffel's company designed it [citation:1]. It opened in 1889 [citation:2].<|turn_end|>"
 
@@ -74,7 +74,6 @@ async def test_streaming_chunks_end_with_annotations_and_usage(tokenizer_dir, co
 
 
 async def test_history_media_and_sampling_fields_reach_the_engine(tokenizer_dir, corpus_backend):
-    from tests.test_api import png
 
     app, engine = app_with(tokenizer_dir, corpus_backend, LocalMemory(), "Blue.<|turn_end|>", settings=settings())
     image = "data:image/png;base64," + base64.b64encode(png(48, 32)).decode()

@@ -23,6 +23,7 @@ from api.media import MediaRejected, check_media, decode_base64
 from api.memory import DONE, Memory, event_id_key
 from api.routes.deps import caller, owned_conversation, services, store_errors
 from api.schemas import ChatRequest, ChatResponse, MetaEvent
+from engine.base import Engine
 
 router = APIRouter(tags=["chat"])
 
@@ -50,8 +51,9 @@ async def _sse(memory: Memory, cid: str, mid: str, after: str | None, streams: G
         streams.dec()
 
 
-async def _read_request(request: Request, limits: ApiConfig) -> tuple[ChatRequest, list[MediaItem]]:
-    """The request from a JSON body or a multipart form, with its media checked (clear 4xx otherwise)."""
+async def _read_request(request: Request, limits: ApiConfig, engine: Engine) -> tuple[ChatRequest, list[MediaItem]]:
+    """The request from a JSON body or a multipart form, with its media checked against the limits and
+    what the loaded model reads (clear 4xx otherwise)."""
     length = request.headers.get("content-length", "")
     if length.isdigit() and int(length) > limits.max_body_bytes:
         raise HTTPException(413, f"the request is {length} bytes; at most {limits.max_body_bytes} are accepted")
@@ -75,7 +77,7 @@ async def _read_request(request: Request, limits: ApiConfig) -> tuple[ChatReques
             raise HTTPException(
                 413, f"the message has {len(body.message)} characters; at most {limits.max_message_chars}"
             )
-        return body, check_media(images, audio, limits)
+        return body, check_media(images, audio, limits, engine)
     except ValidationError as exc:
         raise HTTPException(422, exc.errors(include_url=False, include_context=False)) from None
     except MediaRejected as exc:
@@ -109,11 +111,11 @@ async def chat(
     """Ask a question: streams the agent's events as SSE, or waits and returns the structured answer."""
     mode = _mode(websearch)
     svc = services(request)
-    body, media = await _read_request(request, svc.settings.api)
     if svc.engine_error:
         raise HTTPException(503, f"the model engine failed to start: {svc.engine_error}")
     if not svc.engine_ready.is_set():
         raise HTTPException(503, "engine loading")
+    body, media = await _read_request(request, svc.settings.api, svc.engine)
     with store_errors():
         if body.conversation_id:
             conversation = await owned_conversation(request, body.conversation_id, owner)

@@ -80,7 +80,7 @@ async def chat_completions(request: Request, body: ChatCompletionRequest, owner:
         raise OpenAIError(503, f"the model engine failed to start: {svc.engine_error}", type_="server_error")
     if not svc.engine_ready.is_set():
         raise OpenAIError(503, "engine loading", type_="server_error", code="engine_loading")
-    turn_request = read_request(body, svc.settings.agent, svc.settings.api)
+    turn_request = read_request(body, svc.settings.agent, svc.settings.api, svc.engine)
     slot = contextlib.AsyncExitStack()
     with store_errors():  # no free turn slot: 429
         await slot.enter_async_context(svc.runner.slot(owner))
