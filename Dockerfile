@@ -1,6 +1,16 @@
 # megrez-search on the official vLLM image at the pinned version (CUDA, GPU hosts).
 #   docker compose up            (see docker-compose.yml and .env.example)
 # The image's vLLM, torch and CUDA stay as they are; only this package and its own dependencies are added.
+
+# The web page, bundled with Node (the npm packages from the lock file); only its built files go on.
+FROM node:20-slim AS web
+WORKDIR /web
+COPY api/web/package.json api/web/package-lock.json ./
+RUN npm ci --no-audit --no-fund
+COPY api/web/build.mjs ./
+COPY api/web/src ./src
+RUN npm run build
+
 FROM vllm/vllm-openai:v0.32.0
 
 WORKDIR /app
@@ -10,6 +20,7 @@ COPY engine ./engine
 COPY retrieval ./retrieval
 COPY api ./api
 COPY prompts ./prompts
+COPY --from=web /web/dist ./api/web/dist
 # No extras: vllm==0.32.0 is already in the image (the `gpu` extra would only pin it again).
 RUN pip install --no-cache-dir . \
  && useradd --create-home --uid 10001 megrez \

@@ -26,7 +26,7 @@ from api.access import Access
 from api.memory import Memory, make_memory
 from api.metrics import RequestMetrics
 from api.openai_compat import OpenAIError, error_body
-from api.routes import chat, conversations, health, metrics, openai
+from api.routes import chat, conversations, health, metrics, openai, web
 from api.schemas import STREAM_ADAPTER
 from api.settings import Settings
 from api.turns import TurnRunner
@@ -104,8 +104,9 @@ def create_app(
                 await the_memory.aclose()
 
     app = FastAPI(title="megrez-search", version="0.1.0", lifespan=lifespan)
-    for router in (health.router, chat.router, conversations.router, openai.router, metrics.router):
+    for router in (health.router, chat.router, conversations.router, openai.router, metrics.router, web.router):
         app.include_router(router)
+    web.mount_assets(app)
     _openai_errors(app)
     services_of = lambda: getattr(app.state, "services", None)  # noqa: E731 (set by the lifespan)
     app.add_middleware(RequestMetrics, metrics=lambda: (s := services_of()) and s.runner.metrics)

@@ -65,7 +65,7 @@ def test_searxng_settings_enable_json_without_the_limiter(compose):
     assert "duckduckgo" in settings["use_default_settings"]["engines"]["keep_only"]
 
 
-def test_the_dockerfile_uses_the_pinned_vllm_image_a_user_and_readyz():
+def test_the_dockerfile_uses_the_pinned_vllm_image_a_user_readyz_and_the_built_page():
     dockerfile = (ROOT / "Dockerfile").read_text()
     pins = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["gpu"]
     version = next(p for p in pins if p.startswith("vllm==")).split("==")[1]
@@ -73,8 +73,15 @@ def test_the_dockerfile_uses_the_pinned_vllm_image_a_user_and_readyz():
     users = re.findall(r"^USER (\S+)$", dockerfile, re.M)
     assert users and users[-1] not in ("root", "0")
     assert "/readyz" in re.search(r"^HEALTHCHECK.*(?:\n .*)*", dockerfile, re.M).group(0)
-    for copied in re.findall(r"^COPY (\S+) ", dockerfile, re.M):
-        assert (ROOT / copied).exists(), copied
+    for line in re.findall(r"^COPY (.+)$", dockerfile, re.M):
+        *sources, _ = line.split()
+        if sources[0].startswith("--from="):
+            continue
+        for copied in sources:
+            assert (ROOT / copied).exists(), copied
+    # The web page is built from the lock file in a Node stage; the final image takes only its output.
+    assert re.search(r"^RUN npm ci\b", dockerfile, re.M)
+    assert re.search(r"^COPY --from=web /web/dist \./api/web/dist$", dockerfile, re.M)
 
 
 def test_env_example_is_read_by_the_real_settings():

@@ -1,0 +1,90 @@
+"""The web page: ``GET /`` serves it, ``/assets/*`` its bundle, ``GET /info`` what it needs to know.
+
+The page is built at install time (``api/web``, bundled by esbuild into ``api/web/dist``; ``make run``
+and ``make test`` build it) and served from this process: no CDN, no font or script from elsewhere,
+so it works on a network without internet access. The page and its assets hold no data, so they need
+no API key; the page asks for one when ``/info`` says keys are required and sends it on every call.
+
+Every page response carries a Content-Security-Policy that allows only this origin's script and
+style and no inline script: page titles, snippets and model output are rendered sanitised
+(``api/web/src/answer.js``), and should anything slip through, the browser still refuses to run it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fastapi import APIRouter, HTTPException, Request
+from fastapi.responses import FileResponse, HTMLResponse
+from starlette.staticfiles import StaticFiles
+
+from api.routes.deps import services
+
+WEB_DIST = Path(__file__).resolve().parent.parent / "web" / "dist"
+PAGE_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; "
+    "img-src 'self' blob: data:; media-src 'self' blob:; base-uri 'none'; form-action 'none'; "
+    "frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",  # a conversation's URL never leaks to the sources it links
+    "Cache-Control": "no-cache",  # revalidate: a rebuilt bundle is seen at once (ETag makes it cheap)
+}
+NOT_BUILT = (
+    "<!doctype html><title>megrez-search</title><p>The web page is not built. Run <code>make run</code>, or "
+    "<code>npm --prefix api/web ci &amp;&amp; npm --prefix api/web run build</code>. The API works without it: "
+    "see <a href='/docs'>/docs</a>."
+)
+
+router = APIRouter(tags=["web"])
+
+
+class _Assets(StaticFiles):
+    """The bundle, with the page's headers."""
+
+    def file_response(self, *args, **kwargs):
+        response = super().file_response(*args, **kwargs)
+        response.headers.update(PAGE_HEADERS)
+        return response
+
+
+def mount_assets(app, dist: Path = WEB_DIST) -> None:
+    """Serve ``dist/assets`` at ``/assets`` (checked per request, so a page built after start is served)."""
+    app.mount("/assets", _Assets(directory=dist / "assets", check_dir=False), name="assets")
+
+
+@router.get("/", include_in_schema=False, response_model=None)
+async def page() -> FileResponse | HTMLResponse:
+    index = WEB_DIST / "index.html"
+    if not index.is_file():
+        return HTMLResponse(NOT_BUILT, status_code=503, headers=PAGE_HEADERS)
+    return FileResponse(index, headers=PAGE_HEADERS)
+
+
+@router.get("/info")
+async def info(request: Request) -> dict:
+    """What a client needs before it asks: whether a key is needed, whether the model is ready, what it
+    reads besides text, and the request limits. Without a valid key (when keys are required) only
+    ``keys_required`` is told."""
+    svc = services(request)
+    if svc.access.keys_required:
+        try:
+            svc.access.owner(request)
+        except HTTPException:
+            return {"keys_required": True}
+    limits = svc.settings.api
+    ready = svc.engine_ready.is_set()
+    return {
+        "keys_required": svc.access.keys_required,
+        "ready": ready,
+        "engine_error": svc.engine_error,
+        "model": svc.engine.model,
+        "media": sorted(svc.engine.media) if ready else [],
+        "default_mode": svc.settings.agent.mode,
+        "limits": {
+            "max_message_chars": limits.max_message_chars,
+            "max_body_bytes": limits.max_body_bytes,
+            "max_images": limits.max_images,
+            "max_audio": limits.max_audio,
+            "max_audio_seconds": limits.max_audio_seconds,
+        },
+    }
