@@ -327,7 +327,9 @@ def test_phone_width_dark_theme(browser, service):
     page.goto(service.url)
     ask(page, QUESTION)
     wait_done(page)
-    assert page.evaluate("document.documentElement.scrollWidth") <= 390  # nothing wider than the phone
+    # Nothing wider than the phone: neither the page nor the scrolling thread scrolls sideways.
+    assert page.evaluate("document.documentElement.scrollWidth") <= 390
+    assert page.evaluate("(t => t.scrollWidth <= t.clientWidth)(document.getElementById('thread'))")
     background = page.evaluate("getComputedStyle(document.body).backgroundColor")
     assert background == "rgb(22, 23, 22)"  # the dark theme followed the system
     expect(page.locator("#sidebar")).not_to_be_in_viewport()

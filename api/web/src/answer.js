@@ -118,12 +118,13 @@ function chip(n, source) {
  * @param {(chip: HTMLElement) => {n, url, title, domain?, passage?, snippet?, supported?}|undefined} lookup
  */
 export function citationPopover(popover, lookup) {
-  let current = null;
-  const touch = matchMedia("(hover: none)");
+  let current = null; // the chip whose popover shows
+  let pinned = null; // the chip a tap opened: a second tap on it follows its link
+  let touched = false; // the last pointer was a finger (or a pen)
   const hide = () => {
     popover.hidden = true;
     current?.removeAttribute("aria-describedby");
-    current = null;
+    current = pinned = null;
   };
   const show = (target) => {
     const info = lookup(target);
@@ -157,17 +158,19 @@ export function citationPopover(popover, lookup) {
     popover.style.top = `${(below ? box.bottom + 6 : box.top - 6 - popover.offsetHeight) + window.scrollY}px`;
   };
   const chipOf = (event) => event.target.closest?.(".chip");
+  document.addEventListener("pointerdown", (e) => (touched = e.pointerType !== "mouse"), true);
   document.addEventListener("mouseover", (e) => {
     const target = chipOf(e);
     if (target && target !== current) show(target);
-    else if (!target && current && !popover.contains(e.target)) hide();
+    else if (!target && current && !pinned && !popover.contains(e.target)) hide();
   });
   document.addEventListener("focusin", (e) => (chipOf(e) ? show(chipOf(e)) : popover.contains(e.target) || hide()));
   document.addEventListener("click", (e) => {
     const target = chipOf(e);
-    if (target && touch.matches && target !== current) {
-      e.preventDefault(); // first tap shows the passage; the popover's title is the link
+    if (target && touched && target !== pinned) {
+      e.preventDefault(); // a finger cannot hover: the first tap shows the passage, the popover's title links
       show(target);
+      pinned = target;
     } else if (!target && !popover.contains(e.target)) hide();
   });
   document.addEventListener("keydown", (e) => e.key === "Escape" && hide());
