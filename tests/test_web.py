@@ -70,7 +70,10 @@ class Dropper:
 
 @pytest.fixture(scope="module")
 def service(tokenizer_dir, fixture_web, redis_url, tmp_path_factory):
-    settings = Settings(redis_url=redis_url, agent=AgentConfig(related=True, answer_tokens=3000))
+    # A Redis database of its own: the page lists every conversation, and other tests write to database 0.
+    settings = Settings(
+        redis_url=redis_url.rsplit("/", 1)[0] + "/7", agent=AgentConfig(related=True, answer_tokens=3000)
+    )
     app, engine = page_app(
         tokenizer_dir,
         fixture_web,
