@@ -15,6 +15,7 @@ import argparse
 import asyncio
 import io
 import itertools
+import os
 import statistics
 import tempfile
 import time
@@ -30,8 +31,8 @@ from engine.omni.audio import SAMPLE_RATE, preprocess_audio
 from engine.omni.image import load_image, preprocess_image, reshape_by_patch
 from engine.protocol import Message, PromptEncoder
 from engine.vllm_engine import VLLMEngine
-from tests.tiny_models import tiny_engine_config
-from tests.tiny_omni import build_megrezo_shape, build_tiny_megrezo
+from scripts.tiny_models import tiny_engine_config
+from scripts.tiny_omni import build_megrezo_shape, build_tiny_megrezo
 
 IMAGE_SIZES = ((448, 448), (1480, 720), (1344, 1344), (4000, 3000))
 _ids = itertools.count()
@@ -147,4 +148,6 @@ if __name__ == "__main__":
     parser.add_argument("--shape", action="store_true", help="also run the real widths (≈1 min start, slow)")
     parser.add_argument("--model", help="a real Megrez-3B-Omni checkpoint (folder or hub id) instead of test models")
     args = parser.parse_args()
+    # On a CPU host, a 1 GiB KV cache unless one is set (vLLM's default takes a share of RAM); GPUs ignore it.
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     asyncio.run(main(args.runs, args.shape, args.model))

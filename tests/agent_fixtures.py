@@ -24,7 +24,7 @@ from retrieval.search.chain import SearchChain
 from retrieval.search.local import LocalCorpusBackend
 from scripts.megrez_tokenizer import build_megrez_tokenizer
 from scripts.scripted_engine import ScriptedEngine
-from tests.tiny_models import serve_in_process
+from scripts.tiny_models import serve_in_process
 
 NOW = datetime(2024, 9, 20, 18, 42, 7)
 

@@ -20,8 +20,8 @@ import pytest_asyncio
 from agent.events import AnswerEvent, ErrorEvent, TokenEvent
 from retrieval.search.chain import SearchChain
 from scripts.fixture_web import WebSearch
+from scripts.tiny_models import serve_in_process
 from tests.agent_fixtures import DOCUMENTS, collect, final, make_agent
-from tests.tiny_models import serve_in_process
 
 PROJECT = Path(__file__).resolve().parents[1]
 

@@ -21,7 +21,7 @@ from engine.parser import FunctionCallEvent, parse_forced_call
 from engine.protocol import FORCED_SEARCH_REGEX, Message, PromptEncoder
 from engine.vllm_engine import VLLMEngine
 from scripts.net import free_port
-from tests.tiny_models import serve_in_process
+from scripts.tiny_models import serve_in_process
 
 SERVED = "megrez-tiny"
 PROMPT = "<|role_start|>user<|role_end|>The weather today?<|turn_end|><|role_start|>assistant<|role_end|>"

@@ -14,7 +14,7 @@ from engine.factory import build_engine
 from engine.parser import FunctionCallEvent, parse_forced_call
 from engine.protocol import FORCED_SEARCH_REGEX, FUNCTION_END, Message, PromptEncoder
 from engine.vllm_engine import VLLMEngine
-from tests.tiny_models import MEGREZ_SPECIAL_IDS, build_megrez_shape, tiny_engine_config
+from scripts.tiny_models import MEGREZ_SPECIAL_IDS, build_megrez_shape, tiny_engine_config
 
 pytestmark = pytest.mark.slow
 

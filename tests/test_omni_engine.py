@@ -1,6 +1,6 @@
 """Megrez-3B-Omni in the embedded vLLM engine, on a tiny random checkpoint built at test time.
 
-Parity: the same weights run through :class:`tests.tiny_omni.ReferenceMegrezO` (transformers modules,
+Parity: the same weights run through :class:`scripts.tiny_omni.ReferenceMegrezO` (transformers modules,
 plain PyTorch) and through our vLLM plugin; greedy tokens must be equal and log-probabilities close (fp32).
 """
 
@@ -24,8 +24,8 @@ from engine.omni.image import image_placeholder_text, preprocess_image
 from engine.omni.request import prepare_omni_request
 from engine.protocol import MEDIA_PLACEHOLDERS, Message, PromptEncoder
 from engine.vllm_engine import VLLMEngine
-from tests.tiny_models import tiny_engine_config
-from tests.tiny_omni import ReferenceMegrezO, build_tiny_megrezo
+from scripts.tiny_models import tiny_engine_config
+from scripts.tiny_omni import ReferenceMegrezO, build_tiny_megrezo
 
 STEPS = 6
 # fp32 on both sides; the towers differ in layout (patch-major vs 2-D) and attention kernels.

@@ -14,7 +14,7 @@ from engine.omni.errors import MediaError
 from engine.omni.image import image_token_count
 from engine.protocol import MEDIA_PLACEHOLDERS, Message, PromptEncoder
 from scripts.megrez_tokenizer import build_megrez_tokenizer
-from tests.tiny_omni import TINY_FIELDS, megrezo_config
+from scripts.tiny_omni import TINY_FIELDS, megrezo_config
 
 
 @pytest.fixture(scope="module")

@@ -15,8 +15,8 @@ from engine.omni.audio import SAMPLE_RATE, audio_placeholder_text
 from engine.omni.image import image_placeholder_text
 from engine.protocol import MEDIA_PLACEHOLDERS, Message, PromptEncoder
 from engine.vllm_engine import VLLMEngine
-from tests.tiny_models import tiny_engine_config
-from tests.tiny_omni import build_megrezo_shape
+from scripts.tiny_models import tiny_engine_config
+from scripts.tiny_omni import build_megrezo_shape
 
 
 async def test_real_shape_runs_text_image_audio(tmp_path) -> None:

@@ -1,4 +1,5 @@
-"""A tiny random Megrez-3B-Omni checkpoint, and a plain PyTorch reference of the same network.
+"""A tiny random Megrez-3B-Omni checkpoint, and a plain PyTorch reference of the same network (for tests
+and benchmarks; never the product).
 
 :class:`ReferenceMegrezO` is assembled from transformers modules (``LlamaForCausalLM``,
 ``Idefics2VisionTransformer``, Whisper's ``WhisperEncoderLayer``) plus the vendor's resampler and audio
@@ -28,6 +29,7 @@ from engine.omni.audio import AudioInputs, encoder_frames
 from engine.omni.config import MegrezOConfig
 from engine.omni.image import ImageInputs
 from scripts.megrez_tokenizer import build_megrez_tokenizer
+from scripts.tiny_models import renumber_special_tokens
 
 SEED = 4321
 
@@ -254,8 +256,6 @@ def build_tiny_megrezo(path: Path) -> tuple[Path, ReferenceMegrezO]:
 
 def build_megrezo_shape(path: Path, *, llm_layers: int, vision_layers: int, audio_layers: int) -> Path:
     """Megrez-3B-Omni's real widths and vocabulary with fewer layers and no weights (``load_format="dummy"``)."""
-    from tests.tiny_models import renumber_special_tokens
-
     build_megrez_tokenizer(path)
     renumber_special_tokens(path)
     fields = dict(REAL_FIELDS, num_hidden_layers=llm_layers)
