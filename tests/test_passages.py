@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import time
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -221,7 +220,7 @@ def test_last_passage_is_cut_at_a_sentence_end():
     chosen = pack(passages, passages[0].tokens + 2 * OVERHEAD + 60)
     assert len(chosen) == 2
     assert chosen[1].meta.get("cut") and ENDS.search(chosen[1].text)
-    assert chosen[1].text in passages[1].text or passages[1].text.startswith(chosen[1].text)
+    assert passages[1].text.startswith(chosen[1].text) and len(chosen[1].text) < len(passages[1].text)
 
 
 def test_budget_smaller_than_any_passage_still_fits():
@@ -273,12 +272,12 @@ def test_budget_is_never_exceeded(texts, budget, passage_tokens, question):
         assert all(line in page.text for line in body(p).splitlines())
 
 
-def test_hundreds_of_passages_take_milliseconds():
+def test_twenty_copies_of_a_page_give_its_passages_once_in_reading_order():
+    # A hundred candidate passages (timed in bench.timings), each one five times over.
     pages = [
         Page(url=f"https://p{i}.example/", title=f"Result {i}", text=numbered(25, words=8), rank=i + 1)
         for i in range(20)
     ]
-    start = time.perf_counter()
     chosen = select_passages("What does sentence 7 say?", pages, budget_tokens=3000)
-    assert time.perf_counter() - start < 0.5
-    assert chosen
+    assert len({p.url for p in chosen}) == 1
+    assert [body(p) for p in chosen] == [body(p) for p in chunk(pages[0])]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -232,7 +231,8 @@ def test_long_sentence_snippet_is_cut_near_the_match():
     assert "needle" in snippet and len(snippet) <= SNIPPET_CHARS
 
 
-async def test_three_thousand_documents_index_fast(tmp_path: Path):
+async def test_a_phrase_in_one_of_three_thousand_documents_is_found_again_after_a_reload(tmp_path: Path, monkeypatch):
+    # Index build, reload and search times at this size: bench.timings.
     rng = random.Random(7)
     vocabulary = [f"w{i}" for i in range(5000)]
     docs = [
@@ -242,17 +242,8 @@ async def test_three_thousand_documents_index_fast(tmp_path: Path):
     docs[1234]["text"] += " Unmistakable zeppelin hangar."
     path = write_jsonl(tmp_path / "bulk.jsonl", docs)
 
-    started = time.perf_counter()
     backend = LocalCorpusBackend(path, tmp_path / "index")
-    backend.load()
-    assert time.perf_counter() - started < 5
-
-    started = time.perf_counter()
-    for _ in range(20):
-        results = backend.search_sync("zeppelin hangar", k=8)
-    assert (time.perf_counter() - started) / 20 < 0.05
-    assert results[0].url == "https://bulk.example/1234"
-
-    started = time.perf_counter()
-    LocalCorpusBackend(path, tmp_path / "index").load()
-    assert time.perf_counter() - started < 1
+    assert backend.search_sync("zeppelin hangar", k=8)[0].url == "https://bulk.example/1234"
+    monkeypatch.setattr(local, "build_index", lambda docs: pytest.fail("the saved index must be reused"))
+    reloaded = LocalCorpusBackend(path, tmp_path / "index")
+    assert reloaded.search_sync("zeppelin hangar", k=8) == backend.search_sync("zeppelin hangar", k=8)
