@@ -11,7 +11,8 @@ One fetch (:meth:`Fetcher.fetch`):
   original ``Host`` header (and SNI for https), so DNS rebinding cannot redirect it;
 - ``route_map`` can send an origin to another server (a mirror, the fixture web); the page keeps
   its original URL and redirects resolve against it;
-- redirects are followed by hand, up to ``max_redirects``;
+- redirects are followed by hand, up to ``max_redirects``; a malformed URL, requested or in a
+  ``Location``, is :class:`Blocked` with the URL named;
 - the body is streamed and reading stops at ``max_bytes``: HTML and text keep the prefix
   (``truncated``), a cut PDF is useless and raises :class:`TooLarge`;
 - HTML, XHTML, plain text and PDF are accepted (sniffed when the server gives no type);
@@ -155,7 +156,10 @@ def _route_key(origin: str) -> str:
 
 
 def _strip_fragment(url: str) -> str:
-    return urlunsplit(urlsplit(url)._replace(fragment=""))
+    try:
+        return urlunsplit(urlsplit(url)._replace(fragment=""))
+    except ValueError:  # e.g. a bracketed host that is no IP address: Guard.check_url refuses it by name
+        return url
 
 
 def _extract_pdf(body: bytes) -> tuple[str, str]:
@@ -274,9 +278,17 @@ class Fetcher:
                 raise FetchTimeout(f"{type(exc).__name__} for {url}") from None
             except httpx.HTTPError as exc:
                 raise NetworkError(f"{type(exc).__name__} for {url}: {exc}") from None
+            except (httpx.InvalidURL, ValueError) as exc:
+                # httpx reads a redirect's Location even when not following it, and some malformed
+                # ones (``http:127.0.0.1/``, a bad IDNA label) fail there outside its HTTPError family.
+                raise Blocked(f"redirect from {url} to a malformed URL: {exc}") from None
             try:
                 if response.status_code in _REDIRECTS and "location" in response.headers:
-                    target = _strip_fragment(urljoin(url, response.headers["location"].strip()))
+                    location = response.headers["location"].strip()
+                    try:
+                        target = _strip_fragment(urljoin(url, location))
+                    except ValueError as exc:  # what httpx let through, e.g. an unclosed ``[``
+                        raise Blocked(f"redirect from {url} to a malformed URL {location!r}: {exc}") from None
                     if target in seen:
                         raise TooManyRedirects(f"redirect loop at {target}")
                     seen.add(target)

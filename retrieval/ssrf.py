@@ -6,12 +6,22 @@ to must be a public one. The fetcher then connects to the address that was vette
 name, which a rebinding DNS server could answer differently the second time), and vets again
 after every redirect.
 
+"Public" is decided by this module's own tables of the IANA special-purpose address registries
+(IPv4 and IPv6, plus multicast; IPv6 outside global unicast ``2000::/3`` too), not by
+``ipaddress``' ``is_global``/``is_private``, whose answers differ between Python releases (3.11.7
+calls ``192.0.0.8`` global, for one). Every registered block is refused, also the few the registry
+marks globally reachable (PCP/TURN/DNS-SD anycast, AMT, AS112, ORCHIDv2, drone remote ID inside
+``192.0.0.0/24`` and ``2001::/23``; AS112 and AMT blocks of their own): they are network services,
+never web pages.
+
 Hosts are parsed the way browsers and ``inet_aton`` do, so odd spellings of an address
 (``2130706433``, ``0x7f.1``, ``0177.0.0.1``, ``[::ffff:127.0.0.1]``) are recognised as the
 address they mean. IPv6 addresses that carry an IPv4 address (IPv4-mapped, IPv4-compatible,
-6to4, Teredo, NAT64) are judged by the IPv4 address as well.
+6to4, Teredo, NAT64) are judged by the IPv4 address as well; the mapped, NAT64 (``64:ff9b::/96``)
+and 6to4 ones by it alone, since they reach that IPv4 host.
 
-Private targets are reachable only through an explicit allow-list of host names or CIDR ranges.
+Private targets, and any special-purpose block, are reachable only through an explicit allow-list
+of host names or CIDR ranges.
 """
 
 from __future__ import annotations
@@ -64,8 +74,55 @@ METADATA_ADDRESSES = frozenset(
     )
 )
 
-_SHARED = ipaddress.ip_network("100.64.0.0/10")  # carrier-grade NAT; Python does not call it private
-_NAT64 = (ipaddress.ip_network("64:ff9b::/96"), ipaddress.ip_network("64:ff9b:1::/48"))
+
+def _table(*rows: tuple[str, str]) -> tuple[tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, str], ...]:
+    return tuple((ipaddress.ip_network(cidr), label) for cidr, label in rows)
+
+
+# IANA IPv4 Special-Purpose Address Registry, and multicast (RFC 5771).
+SPECIAL_PURPOSE_V4 = _table(
+    ("0.0.0.0/8", "this network"),
+    ("10.0.0.0/8", "private"),
+    ("100.64.0.0/10", "shared (carrier-grade NAT)"),
+    ("127.0.0.0/8", "loopback"),
+    ("169.254.0.0/16", "link-local"),
+    ("172.16.0.0/12", "private"),
+    ("192.0.0.0/24", "IETF protocol assignments"),
+    ("192.0.2.0/24", "documentation"),
+    ("192.31.196.0/24", "AS112"),
+    ("192.52.193.0/24", "AMT"),
+    ("192.88.99.0/24", "6to4 relay anycast"),
+    ("192.168.0.0/16", "private"),
+    ("192.175.48.0/24", "AS112"),
+    ("198.18.0.0/15", "benchmarking"),
+    ("198.51.100.0/24", "documentation"),
+    ("203.0.113.0/24", "documentation"),
+    ("224.0.0.0/4", "multicast"),
+    ("240.0.0.0/4", "reserved"),  # 255.255.255.255/32, limited broadcast, is in it
+)
+# IANA IPv6 Special-Purpose Address Registry, multicast and the deprecated site-local block.
+# ::ffff:0:0/96, 64:ff9b::/96 and 2002::/16 are not here: they carry an IPv4 address and are judged
+# by it alone (_TRANSLATIONS). The local-use NAT64 prefix is refused: its translator is the
+# operator's own network, and where it puts the IPv4 address is the operator's choice too.
+SPECIAL_PURPOSE_V6 = _table(
+    ("::/128", "unspecified"),
+    ("::1/128", "loopback"),
+    ("64:ff9b:1::/48", "local-use IPv4/IPv6 translation"),
+    ("100::/64", "discard-only"),
+    ("100:0:0:1::/64", "dummy prefix"),
+    ("2001::/23", "IETF protocol assignments"),  # Teredo 2001::/32 among them
+    ("2001:db8::/32", "documentation"),
+    ("2620:4f:8000::/48", "AS112"),
+    ("3fff::/20", "documentation"),
+    ("5f00::/16", "segment routing (SRv6) SIDs"),
+    ("fc00::/7", "unique local"),
+    ("fe80::/10", "link-local"),
+    ("fec0::/10", "site-local"),
+    ("ff00::/8", "multicast"),
+)
+_GLOBAL_UNICAST = ipaddress.ip_network("2000::/3")  # all IPv6 unicast the IANA has allocated for the internet
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+_TRANSLATIONS = (ipaddress.ip_network("::ffff:0:0/96"), _NAT64, ipaddress.ip_network("2002::/16"))
 _IPV4_COMPATIBLE = ipaddress.ip_network("::/96")
 _IPV4_TRANSLATED = ipaddress.ip_network("::ffff:0:0:0/96")
 _HEX = re.compile(r"0x[0-9a-f]*", re.IGNORECASE)
@@ -125,7 +182,7 @@ def embedded_ipv4(ip: IPAddress) -> ipaddress.IPv4Address | None:
     if ip.teredo is not None:
         return ip.teredo[1]  # the client; the server part is a public relay
     low32 = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
-    if any(ip in net for net in _NAT64) or ip in _IPV4_TRANSLATED:
+    if ip in _NAT64 or ip in _IPV4_TRANSLATED:
         return low32
     if ip in _IPV4_COMPATIBLE and int(ip) > 1:  # ::/96 minus :: and ::1, judged on their own
         return low32
@@ -140,22 +197,14 @@ def forbidden_reason(ip: IPAddress) -> str | None:
     if inner is not None:
         if why := forbidden_reason(inner):
             return f"{ip} embeds {inner}: {why}"
-        if ip.ipv4_mapped or ip.sixtofour or any(ip in net for net in _NAT64):
+        if any(ip in net for net in _TRANSLATIONS):
             return None  # a translation of a public IPv4 address (e.g. DNS64 on IPv6-only hosts)
-    checks = (
-        (ip.is_unspecified, "unspecified"),
-        (ip.is_loopback, "loopback"),
-        (ip.is_link_local, "link-local"),
-        (ip.is_multicast, "multicast"),
-        (isinstance(ip, ipaddress.IPv4Address) and ip in _SHARED, "shared (carrier-grade NAT)"),
-        (isinstance(ip, ipaddress.IPv6Address) and ip.is_site_local, "site-local"),
-        (ip.is_private, "private"),
-        (ip.is_reserved, "reserved"),
-        (not ip.is_global, "not globally routable"),
-    )
-    for hit, label in checks:
-        if hit:
-            return f"{ip} is not a public address ({label})"
+    table = SPECIAL_PURPOSE_V4 if isinstance(ip, ipaddress.IPv4Address) else SPECIAL_PURPOSE_V6
+    for network, label in table:
+        if ip in network:
+            return f"{ip} is not a public address ({label}, {network})"
+    if isinstance(ip, ipaddress.IPv6Address) and ip not in _GLOBAL_UNICAST:
+        return f"{ip} is not a public address (outside global unicast {_GLOBAL_UNICAST})"
     return None
 
 

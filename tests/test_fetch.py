@@ -332,6 +332,53 @@ async def test_dns_name_resolving_to_private_address_is_blocked(fixture_web) -> 
             await f.fetch("https://intranet.example.com/")
 
 
+# --- malformed URLs ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "named"),
+    [
+        # IPv6 literals of full-width digits and ideographic full stops: urlsplit raises ValueError.
+        ("http://[::①⑥⑨。②⑤④。①⑥⑨。②⑤④]/", "'http://[::①⑥⑨。②⑤④。①⑥⑨。②⑤④]/'"),
+        ("http://[::１２７.0.0.1]/page", "'http://[::１２７.0.0.1]/page'"),
+        ("http://[1:2]/", "'http://[1:2]/'"),
+        ("http://[/", "'http://[/'"),
+        ("http:127.0.0.1/", "127.0.0.1"),
+        ("jar:http://127.0.0.1!/", "'jar'"),
+    ],
+)
+async def test_a_malformed_url_is_blocked_before_any_request(fixture_web, fetcher: Fetcher, url, named) -> None:
+    before = len(fixture_web.stats.visits)
+    with pytest.raises(Blocked, match=re.escape(named)):
+        await fetcher.fetch(url)
+    # Among search results, it falls back to its snippet without sinking the others.
+    pages = await fetcher.fetch_pages([result(url, 1, "fallback"), result(T + "/page", 2)])
+    assert [(p.source, p.text) for p in pages][0] == ("snippet", "fallback") and pages[1].source == "page"
+    assert pages[0].error.startswith("blocked: ") and named in pages[0].error
+    assert len(fixture_web.stats.visits) == before + 1  # /page only
+
+
+@pytest.mark.parametrize(
+    "location",
+    [
+        "http:127.0.0.1/",  # httpx raises InvalidURL reading the Location, though it does not follow it
+        "jar:http://127.0.0.1!/",
+        "https:[::1]/",
+        "http://xn--/",  # httpx raises idna's IDNAError, a ValueError
+        "http://[/",  # past httpx; urljoin raises ValueError
+        "http://a]/",
+    ],
+)
+async def test_a_redirect_to_a_malformed_url_is_blocked_naming_the_page(fixture_web, fetcher, location) -> None:
+    url = f"{T}/redirect?to={quote(location, safe='')}"
+    before = len(fixture_web.stats.visits)
+    with pytest.raises(Blocked, match=f"redirect from {re.escape(url)} to a malformed URL"):
+        await fetcher.fetch(url)
+    assert len(fixture_web.stats.visits) == before + 1  # the redirect itself, nothing after it
+    [page] = await fetcher.fetch_pages([result(url, snippet="fallback")])
+    assert (page.source, page.text) == ("snippet", "fallback") and page.error.startswith("blocked: redirect from")
+
+
 # --- concurrency, duplicates, cache -----------------------------------------------------------
 
 
@@ -394,4 +441,5 @@ async def test_fixture_search_finds_fixture_pages(fixture_search, fetcher: Fetch
     pages = await fetcher.fetch_pages(hits, deadline_s=10)
     assert [p.source for p in pages] == ["page"] * len(hits)
     docs = {d["url"]: d for d in hotpot_documents()}
-    assert all(docs[p.url]["text"][:80] in p.text for p in pages if p.url in docs)
+    hotpot_pages = [p for p in pages if p.url in docs]
+    assert hotpot_pages and all(docs[p.url]["text"][:80] in p.text for p in hotpot_pages)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import re
 
 import pytest
 from hypothesis import given
@@ -81,6 +82,126 @@ async def test_literal_private_targets_are_blocked_without_dns(url: str) -> None
     with pytest.raises(Blocked):
         await Guard(resolver=no_dns(calls)).vet(url)
     assert calls == []
+
+
+# The IANA special-purpose registries (IPv4, IPv6) and multicast: each block refused at both ends, with
+# the Python release's own ipaddress answers left out of it (3.11.7 calls 192.0.0.8 global, for one).
+SPECIAL_PURPOSE_BLOCKS = [
+    "0.0.0.0/8",
+    "10.0.0.0/8",
+    "100.64.0.0/10",
+    "127.0.0.0/8",
+    "169.254.0.0/16",
+    "172.16.0.0/12",
+    "192.0.0.0/24",
+    "192.0.2.0/24",
+    "192.31.196.0/24",
+    "192.52.193.0/24",
+    "192.88.99.0/24",
+    "192.168.0.0/16",
+    "192.175.48.0/24",
+    "198.18.0.0/15",
+    "198.51.100.0/24",
+    "203.0.113.0/24",
+    "224.0.0.0/4",
+    "240.0.0.0/4",
+    "255.255.255.255/32",
+    "::/128",
+    "::1/128",
+    "64:ff9b:1::/48",
+    "100::/64",
+    "100:0:0:1::/64",
+    "2001::/23",
+    "2001:db8::/32",
+    "2620:4f:8000::/48",
+    "3fff::/20",
+    "5f00::/16",
+    "fc00::/7",
+    "fe80::/10",
+    "fec0::/10",
+    "ff00::/8",
+]
+# Blocks that carry an IPv4 address are judged by it: refused around a special-purpose one.
+CARRIED_SPECIAL_PURPOSE = [
+    "::ffff:192.0.0.8",  # IPv4-mapped
+    "::ffff:10.0.0.1",
+    "64:ff9b::c000:8",  # NAT64 well-known prefix, around 192.0.0.8
+    "64:ff9b::c0a8:101",  # around 192.168.1.1
+    "2002:c000:8::1",  # 6to4 around 192.0.0.8
+    "2002:c633:6401::1",  # around 198.51.100.1
+    "2001:0:4136:e378:8000:63bf:3fff:fdd2",  # Teredo
+]
+PUBLIC_ADDRESSES = [
+    "93.184.216.34",
+    "8.8.8.8",
+    "1.1.1.1",
+    "192.0.1.1",  # next to the special-purpose 192.0.0.0/24 and 192.0.2.0/24
+    "100.63.255.255",  # the edges of 100.64.0.0/10
+    "100.128.0.0",
+    "172.15.255.255",
+    "172.32.0.0",
+    "198.17.255.255",
+    "198.20.0.0",
+    "223.255.255.255",
+    "2606:4700::1111",
+    "2001:4860:4860::8888",
+    "2001:200::1",  # just past 2001::/23
+    "2a00:1450:4001:80b::200e",
+    "::ffff:93.184.216.34",
+    "64:ff9b::5db8:d822",
+    "2002:5db8:d822::1",
+]
+
+
+def block_ends(block: str) -> list[str]:
+    net = ipaddress.ip_network(block)
+    return list(dict.fromkeys([str(net.network_address), str(net.broadcast_address)]))
+
+
+def url_for(address: str) -> str:
+    return f"http://[{address}]/" if ":" in address else f"http://{address}/"
+
+
+@pytest.mark.parametrize(
+    "address",
+    [a for block in SPECIAL_PURPOSE_BLOCKS for a in block_ends(block)] + CARRIED_SPECIAL_PURPOSE,
+)
+async def test_special_purpose_addresses_are_refused(address: str) -> None:
+    assert forbidden_reason(ipaddress.ip_address(address)) is not None
+    with pytest.raises(Blocked, match=re.escape(str(ipaddress.ip_address(address)))):
+        await Guard(resolver=no_dns()).vet(url_for(address))
+    with pytest.raises(Blocked, match="rebind.example"):
+        await Guard(resolver=dns({"rebind.example": [address]})).vet("https://rebind.example/")
+
+
+@pytest.mark.parametrize("address", PUBLIC_ADDRESSES)
+async def test_ordinary_global_addresses_pass(address: str) -> None:
+    assert forbidden_reason(ipaddress.ip_address(address)) is None
+    target = await Guard(resolver=dns({"example.com": [address]})).vet("https://example.com/")
+    assert ipaddress.ip_address(target.ip) == ipaddress.ip_address(address)
+
+
+def test_the_tables_decide_not_this_pythons_ipaddress(monkeypatch) -> None:
+    """With every ``ipaddress`` classification saying "global", the special-purpose blocks are still refused."""
+    for cls in (ipaddress.IPv4Address, ipaddress.IPv6Address):
+        monkeypatch.setattr(cls, "is_global", property(lambda self: True))
+        for name in ("is_private", "is_reserved", "is_loopback", "is_link_local", "is_multicast", "is_unspecified"):
+            monkeypatch.setattr(cls, name, property(lambda self: False))
+    monkeypatch.setattr(ipaddress.IPv6Address, "is_site_local", property(lambda self: False))
+    for address in ("192.0.0.8", "192.31.196.1", "224.0.0.1", "127.0.0.1", "2001:1::1", "3fff::1", "fec0::1", "::1"):
+        assert forbidden_reason(ipaddress.ip_address(address)) is not None, address
+    assert forbidden_reason(ipaddress.ip_address("93.184.216.34")) is None
+
+
+async def test_allow_list_opens_special_purpose_blocks_it_names() -> None:
+    guard = Guard(["192.0.0.0/24", "2001:db8::/32", "64:ff9b:1::/48"], resolver=dns({"lab.example": ["192.0.0.8"]}))
+    assert (await guard.vet("http://192.0.0.8/")).ip == "192.0.0.8"
+    assert (await guard.vet("http://lab.example/")).ip == "192.0.0.8"
+    assert (await guard.vet("http://[2001:db8::1]/")).ip == "2001:db8::1"
+    assert (await guard.vet("http://[64:ff9b:1::a00:1]/")).ip == "64:ff9b:1::a00:1"
+    for url in ("http://192.0.2.1/", "http://[2001:1::1]/", "http://[3fff::1]/"):
+        with pytest.raises(Blocked):
+            await guard.vet(url)
 
 
 @pytest.mark.parametrize(
