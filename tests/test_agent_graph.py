@@ -86,7 +86,7 @@ async def test_one_search_prompt_numbering_and_event_order(tokenizer_dir, corpus
 
     # Citations come out as source numbers, a citation event the first time each is cited.
     cited = [e.n for e in events if isinstance(e, CitationEvent)]
-    assert cited == [c.n for c in answer.citations] and len(cited) == len(numbers)
+    assert cited and cited == [c.n for c in answer.citations] and len(cited) == len(numbers)
     assert all(f"[{n}]" in answer.answer for n in cited) and "citation:" not in answer.answer
     assert all(c.supported is not None and 0 <= c.score <= 1 for c in answer.citations)
     # Follow-ups: one regex-constrained generation after the answer.

@@ -102,8 +102,9 @@ def test_search_local_corpus_with_fetch_prints_cited_passages(monkeypatch, capsy
     )
     assert code == 0, err
     assert "results from local" in err
-    assert "[1] " in out and "Gustave Eiffel" in out
-    assert "eiffel.md" in out.splitlines()[-1] or "eiffel.md" in out
+    assert out.startswith("[1] Eiffel Tower\n") and "Gustave Eiffel" in out
+    # The passages, then the source list: one source, the file the passage came from.
+    assert out.splitlines()[-1] == f"[1] Eiffel Tower — {(corpus / 'eiffel.md').resolve().as_uri()}"
 
     code, out, _ = run(monkeypatch, capsys, ["search", "green tea", "--backend", "local", "--json"])
     assert code == 0
@@ -114,7 +115,6 @@ def test_search_local_corpus_with_fetch_prints_cited_passages(monkeypatch, capsy
 
 
 def test_search_without_usable_backend_is_a_usage_error(monkeypatch, capsys):
-    monkeypatch.delenv("MEGREZ_SEARCH__CORPUS_PATH", raising=False)
     code, _, err = run(monkeypatch, capsys, ["search", "anything", "--backend", "local"])
     assert code == 2
     assert "corpus_path is not set" in err
@@ -133,7 +133,8 @@ def test_support_scores_claim_passage_pairs(monkeypatch, capsys):
     assert scores["yes"]["supported"] and not scores["no"]["supported"]
     assert scores["yes"]["score"] > scores["no"]["score"]
     code, out, _ = run(monkeypatch, capsys, ["support", "--threshold", "0"], stdin)
-    assert all(json.loads(line)["supported"] for line in out.splitlines())
+    assert code == 0
+    assert [(r["id"], r["supported"]) for r in map(json.loads, out.splitlines())] == [("yes", True), ("no", True)]
 
 
 @pytest.mark.parametrize(
