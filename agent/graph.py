@@ -273,6 +273,7 @@ async def search(state: TurnState, runtime: Runtime[TurnContext]) -> dict[str, A
             budget_tokens=max(1, budget),
             count_tokens=ctx.codec.count_text(),
             on_event=on_event,
+            today=ctx.clock().date(),
         )
     except Exception as exc:  # retrieval reports expected failures as data; anything else must not kill the turn
         log.exception("retrieval failed for %r", query)

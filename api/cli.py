@@ -142,18 +142,34 @@ def _read_questions(lines: Iterator[str]) -> Iterator[tuple[int, dict]]:
                 or not isinstance(page.get("text"), str)
             ):
                 raise UsageError(f'line {lineno}: each page needs "url" and "text" strings')
+            if not isinstance(page.get("date") or "", str):
+                raise UsageError(f'line {lineno}: a page\'s "date" must be a string (YYYY-MM-DD)')
         yield lineno, row
 
 
 def cmd_select(args: argparse.Namespace) -> None:
-    from retrieval.passages import select_passages
+    import datetime as dt
 
-    for _, row in _read_questions(sys.stdin):
+    from retrieval.config import SelectConfig
+    from retrieval.passages import CHARS_PER_TOKEN, select_passages
+
+    passage_tokens = SelectConfig().passage_tokens
+    if args.budget_chars is not None:
+        # Characters of passage text only (no citation markers), passages of the same size in characters.
+        budget = {"budget_tokens": args.budget_chars, "count_tokens": len, "context_overhead": ""}
+        budget["passage_tokens"] = round(CHARS_PER_TOKEN * passage_tokens)
+    else:
+        budget = {"budget_tokens": args.budget, "passage_tokens": passage_tokens}
+    for lineno, row in _read_questions(sys.stdin):
+        try:
+            today = dt.date.fromisoformat(row["date"].replace("/", "-")[:10]) if row.get("date") else None
+        except (AttributeError, ValueError):
+            raise UsageError(f'line {lineno}: "date" must be YYYY-MM-DD, got {row["date"]!r}') from None
         pages = [
-            Page(url=p["url"], title=p.get("title") or "", text=p["text"], rank=i)
+            Page(url=p["url"], title=p.get("title") or "", text=p["text"], rank=i, date=p.get("date"))
             for i, p in enumerate(row["pages"], 1)
         ]
-        passages = select_passages(row["question"], pages, budget_tokens=args.budget, query=row.get("query"))
+        passages = select_passages(row["question"], pages, query=row.get("query"), today=today, **budget)
         _emit({"id": row.get("id"), "passages": [{"url": p.url, "text": p.text} for p in passages]})
 
 
@@ -257,6 +273,17 @@ def cmd_serve(args: argparse.Namespace) -> None:
     uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="info", log_config=None)
 
 
+def _positive(value: str) -> int:
+    """An argparse type: a whole number above zero."""
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {value!r}") from None
+    if number <= 0:
+        raise argparse.ArgumentTypeError(f"must be above 0, got {number}")
+    return number
+
+
 def _read_file(path: str, option: str) -> bytes:
     try:
         return Path(path).read_bytes()
@@ -321,8 +348,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=float, help="score below which a claim is unsupported (default: calibrated)")
     p.set_defaults(func=cmd_support)
 
-    p = sub.add_parser("select", help="pack the best passages of given pages into a token budget (JSONL in/out)")
-    p.add_argument("--budget", type=int, default=3000, help="tokens of context per question")
+    p = sub.add_parser("select", help="pack the best passages of given pages into a budget (JSONL in/out)")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--budget", type=int, default=3000, help="tokens of context per question (estimated)")
+    size.add_argument(
+        "--budget-chars", type=_positive, default=None, help="characters of passage text per question instead"
+    )
     p.set_defaults(func=cmd_select)
     return parser
 

@@ -1,10 +1,26 @@
-"""Passage selection on HotpotQA: is the answer, and are the supporting pages, inside the packed
-context? Ours (:func:`retrieval.passages.select_passages` over the top ``k`` results) against the
-vendor's approach (top 5 pages, each cut from its start to an equal share of the budget), over the
-same local search results in one run. A third row packs our passages in search order without
-ranking them, to show how much of the gain is packing and how much is ranking.
+"""Passage selection: does the answer end up inside the packed context?
 
-    .venv/bin/python -m bench.selection [--split dev] [--limit N] [--k 15]
+**HotpotQA** (``--set hotpotqa``): short Wikipedia paragraphs; is the answer, and are the supporting
+pages, inside the packed context? Ours (:func:`retrieval.passages.select_passages` over the top ``k``
+results) against the vendor's approach (top 5 pages, each cut from its start to an equal share of the
+budget), over the same local search results in one run. A third row packs our passages in search order
+without ranking them, to show how much of the gain is packing and how much is ranking.
+
+**RealTimeQA** (``--set realtimeqa``): 600 weekly news-quiz questions (dev600), each with up to 10
+real search results and their full articles. At equal characters — budget B tokens = 3.5·B characters
+of passage text, no titles or separators counted, for every method — answer recall is the share of
+questions whose gold answer appears (accents folded, case and punctuation ignored, whole words) inside
+one placed passage. Methods, in one run on the same results: LEAD (the top 5 results, each cut from its
+start to B/5), BM25 over 80-word windows of all results (packed best first, the last one cut to fit),
+ours before this set's priors (``Weights(coverage=0, recency=0, lead=0)``), ours, and two figures
+that ignore the budget: the vendor's setting (top 5 × 2048 tokens, ≈6.7K) and all the text. Pages
+carry no titles (the dataset's titles would be free text for us only) and their dates come from their
+URLs (the dataset keeps no HTML; in the service they come from the page's meta tags or the search
+result); the question's date is ``today``. Our weights were fitted on the even-numbered questions
+(``tune``); the odd-numbered ones (``check``) were not looked at while fitting. Each row is compared
+with BM25 windows by an exact McNemar test on the same questions.
+
+    .venv/bin/python -m bench.selection [--set hotpotqa|realtimeqa] [--split dev] [--limit N] [--k 20]
 """
 
 from __future__ import annotations
@@ -12,20 +28,33 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import re
 import statistics
 import string
 import tempfile
 import time
+import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from retrieval.passages import CONTEXT_OVERHEAD, chunk, pack, select_passages
+import bm25s
+import numpy as np
+
+from retrieval.config import SelectConfig
+from retrieval.passages import CHARS_PER_TOKEN, CONTEXT_OVERHEAD, Weights, chunk, pack, select_passages
 from retrieval.search.local import LocalCorpusBackend
-from retrieval.tokenize import estimate_tokens
+from retrieval.tokenize import estimate_tokens, terms
 from retrieval.types import Page
-from scripts.corpora import HotpotQuestion, hotpot_documents, hotpot_questions, wiki_url
+from scripts.corpora import (
+    HotpotQuestion,
+    RealtimeQuestion,
+    hotpot_documents,
+    hotpot_questions,
+    realtimeqa_questions,
+    wiki_url,
+)
 
 BUDGETS = (1000, 2000, 3000)
 VENDOR_PAGES = 5
@@ -113,6 +142,7 @@ async def run(split: str, limit: int | None, k: int) -> None:
     unranked = {b: Tally() for b in BUDGETS}
     vendor = {b: Tally() for b in BUDGETS}
     seconds: list[float] = []
+    size = SelectConfig().passage_tokens  # as the service chunks
     with tempfile.TemporaryDirectory() as tmp:
         corpus = Path(tmp) / "hotpot.jsonl"
         with corpus.open("w", encoding="utf-8") as f:
@@ -124,10 +154,12 @@ async def run(split: str, limit: int | None, k: int) -> None:
                 pages = await search_pages(backend, q.question, max(k, VENDOR_PAGES))
                 for budget in BUDGETS:
                     start = time.perf_counter()
-                    chosen = select_passages(q.question, pages[:k], budget_tokens=budget, count_tokens=count_tokens)
+                    chosen = select_passages(
+                        q.question, pages[:k], budget_tokens=budget, count_tokens=count_tokens, passage_tokens=size
+                    )
                     seconds.append(time.perf_counter() - start)
                     ours[budget].add(q, [(p.url, p.text) for p in chosen], count_tokens)
-                    in_search_order = pack([c for page in pages[:k] for c in chunk(page)], budget)
+                    in_search_order = pack([c for page in pages[:k] for c in chunk(page, passage_tokens=size)], budget)
                     unranked[budget].add(q, [(p.url, p.text) for p in in_search_order], count_tokens)
                     vendor[budget].add(q, vendor_contexts(pages, budget, count_tokens), count_tokens)
         finally:
@@ -153,13 +185,154 @@ async def run(split: str, limit: int | None, k: int) -> None:
           f"p95 {ms[int(0.95 * (len(ms) - 1))]:.1f} ms, max {ms[-1]:.1f} ms")  # fmt: skip
 
 
+# --- RealTimeQA -------------------------------------------------------------------------------------
+
+WINDOW_WORDS = 80
+VENDOR_CHARS = round(2048 * CHARS_PER_TOKEN)  # per page, top 5
+BEFORE = Weights(coverage=0.0, recency=0.0, lead=0.0)
+
+
+def fold(text: str) -> str:
+    """Accents folded, lower case, every run of non-word characters one space."""
+    text = "".join(c for c in unicodedata.normalize("NFKD", text) if not unicodedata.combining(c))
+    return " ".join(re.sub(r"[\W_]+", " ", text.lower()).split())
+
+
+def answer_in_one(answer: str, passages: list[str]) -> bool:
+    """The answer, as whole words, inside one of the passages."""
+    wanted = f" {fold(answer)} "
+    return any(wanted in f" {fold(p)} " for p in passages)
+
+
+def _fill(candidates: list[str], chars: int) -> list[str]:
+    """Best first while they fit; the first that does not is cut to what is left."""
+    out, left = [], chars
+    for text in candidates:
+        if left <= 0:
+            break
+        out.append(text[:left])
+        left -= len(out[-1])
+    return out
+
+
+def lead(q: RealtimeQuestion, chars: int) -> list[str]:
+    return [r["text"][: chars // VENDOR_PAGES] for r in q.results[:VENDOR_PAGES]]
+
+
+def bm25_windows(q: RealtimeQuestion, chars: int) -> list[str]:
+    """80-word windows of every result, by BM25 (our terms: stems, CJK n-grams) against the question."""
+    windows = []
+    for r in q.results:
+        words = r["text"].split()
+        windows += [" ".join(words[i : i + WINDOW_WORDS]) for i in range(0, len(words), WINDOW_WORDS)]
+    if not windows:
+        return []
+    retriever = bm25s.BM25()
+    retriever.index([terms(w) or ["\x00"] for w in windows], show_progress=False)
+    query = [t for t in dict.fromkeys(terms(q.question)) if t in retriever.vocab_dict]
+    if not query:
+        return _fill(windows, chars)
+    scores = np.asarray(retriever.get_scores(query))
+    return _fill([windows[i] for i in np.argsort(-scores, kind="stable")], chars)
+
+
+def ours(q: RealtimeQuestion, chars: int, weights: Weights) -> list[str]:
+    pages = [Page(url=r["url"], title="", text=r["text"], rank=i) for i, r in enumerate(q.results, 1)]
+    chosen = select_passages(
+        q.question,
+        pages,
+        budget_tokens=chars,
+        count_tokens=len,
+        passage_tokens=round(CHARS_PER_TOKEN * SelectConfig().passage_tokens),
+        today=q.date,
+        context_overhead="",
+        weights=weights,
+    )
+    return [p.text for p in chosen]
+
+
+def mcnemar(ours_hits: list[bool], base_hits: list[bool]) -> float:
+    """Two-sided exact McNemar p-value: of the questions only one method gets, is the split even?"""
+    wins = sum(a and not b for a, b in zip(ours_hits, base_hits, strict=True))
+    losses = sum(b and not a for a, b in zip(ours_hits, base_hits, strict=True))
+    n = wins + losses
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(min(wins, losses) + 1)) / 2**n
+    return min(1.0, 2 * tail)
+
+
+def run_realtimeqa(limit: int | None) -> None:
+    questions = realtimeqa_questions()[:limit]
+    halves = {"all": range(len(questions)), "tune": range(0, len(questions), 2), "check": range(1, len(questions), 2)}
+    methods: dict[str, Callable[[RealtimeQuestion, int], list[str]]] = {
+        f"LEAD top {VENDOR_PAGES}, B/{VENDOR_PAGES} each": lead,
+        f"BM25 {WINDOW_WORDS}-word windows, all results": bm25_windows,
+        "ours before (no coverage, recency, lead)": lambda q, c: ours(q, c, BEFORE),
+        "ours": lambda q, c: ours(q, c, Weights()),
+    }
+    base = f"BM25 {WINDOW_WORDS}-word windows, all results"
+    hits: dict[tuple[int, str], list[bool]] = {}
+    times: list[float] = []
+    for budget in BUDGETS:
+        chars = round(CHARS_PER_TOKEN * budget)
+        for name, method in methods.items():
+            row = []
+            for q in questions:
+                start = time.perf_counter()
+                placed = method(q, chars)
+                if name == "ours":
+                    times.append(time.perf_counter() - start)
+                row.append(answer_in_one(q.answer, placed))
+            hits[budget, name] = row
+    vendor = [answer_in_one(q.answer, [r["text"][:VENDOR_CHARS] for r in q.results[:VENDOR_PAGES]]) for q in questions]
+    everything = [answer_in_one(q.answer, [r["text"] for r in q.results]) for q in questions]
+
+    def recall(row: list[bool], half: str) -> str:
+        picked = [row[i] for i in halves[half]]
+        return f"{sum(picked) / len(picked):.3f}"
+
+    header = ["budget", "method", "all", "tune (even)", "check (odd)", "vs BM25 windows, all (p)", "check (p)"]
+    rows = []
+    for budget in BUDGETS:
+        for name in methods:
+            row = hits[budget, name]
+            cells = [str(budget), name, recall(row, "all"), recall(row, "tune"), recall(row, "check")]
+            for half in ("all", "check"):
+                mine = [row[i] for i in halves[half]]
+                theirs = [hits[budget, base][i] for i in halves[half]]
+                delta = (sum(mine) - sum(theirs)) / len(mine)
+                cells.append("" if name == base else f"{100 * delta:+.1f} pts (p={mcnemar(mine, theirs):.3f})")
+            rows.append(cells)
+    for name, row in ((f"vendor: top {VENDOR_PAGES} × 2048 tokens (≈6.7K)", vendor), ("all text", everything)):
+        rows.append(["-", name, recall(row, "all"), recall(row, "tune"), recall(row, "check"), "", ""])
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    print(f"RealTimeQA dev600: {len(questions)} questions, answer recall at equal characters (B tokens = 3.5·B chars)")
+    print(" | ".join(h.ljust(w) for h, w in zip(header, widths)))
+    print("-+-".join("-" * w for w in widths))
+    for r in rows:
+        print(" | ".join(c.ljust(w) for c, w in zip(r, widths)))
+    ms = sorted(1000 * s for s in times)
+    passages = statistics.fmean(
+        len(chunk(Page(url="u", title="", text=r["text"]), passage_tokens=560, count_tokens=len))
+        for q in questions
+        for r in q.results
+    ) * statistics.fmean(len(q.results) for q in questions)
+    print(f"ours, time per question: mean {statistics.fmean(ms):.1f} ms, p95 {ms[int(0.95 * (len(ms) - 1))]:.1f} ms "
+          f"(≈{passages:.0f} candidate passages a question)")  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--split", default="dev", choices=["dev", "train"])
+    parser.add_argument("--set", default="hotpotqa", choices=["hotpotqa", "realtimeqa"])
+    parser.add_argument("--split", default="dev", choices=["dev", "train"], help="HotpotQA split")
     parser.add_argument("--limit", type=int, default=None, help="first N questions only")
-    parser.add_argument("--k", type=int, default=20, help="search results our selection chooses from")
+    parser.add_argument("--k", type=int, default=20, help="HotpotQA: search results our selection chooses from")
     args = parser.parse_args()
-    asyncio.run(run(args.split, args.limit, args.k))
+    if args.set == "realtimeqa":
+        run_realtimeqa(args.limit)
+    else:
+        asyncio.run(run(args.split, args.limit, args.k))
 
 
 if __name__ == "__main__":

@@ -53,4 +53,4 @@ class FetchConfig(BaseModel):
 
 class SelectConfig(BaseModel):
     budget_tokens: int = Field(default=3000, ge=100, description="Tokens of context given to the model.")
-    passage_tokens: int = Field(default=160, ge=32, description="Target passage size when chunking pages.")
+    passage_tokens: int = Field(default=120, ge=32, description="Target passage size when chunking pages.")

@@ -7,9 +7,12 @@ Pipeline (each step is a public function):
    Chinese ``。！？；``) into passages of about ``passage_tokens``. A sentence is only cut when it
    alone is longer than a passage. Each passage's text starts with the page title on its own line,
    so it reads standalone.
-2. :func:`rank` scores every passage of every page with BM25 against the question plus the
-   search query, plus small priors for the page's search rank, for a title that the question
-   names, and for a page whose title the best passages name (the second hop of a question).
+2. :func:`rank` scores every passage of every page against the question plus the search query —
+   BM25, blended with how much of the question's weight (IDF) the passage covers at all — plus small
+   priors for the page's search rank, for a title that the question names, for a page whose title
+   the best passages name (the second hop of a question), for a page published in the days before
+   ``today`` (news questions: real search returns old articles beside this week's), and for the
+   lead of a page (news puts its facts first).
 3. :func:`dedupe` drops passages whose word shingles mostly repeat a better passage (mirrors,
    syndicated copies, boilerplate shared between pages).
 4. :func:`pack` takes passages greedily by score while they fit the budget, cutting the first
@@ -29,10 +32,11 @@ overlook it.
 
 from __future__ import annotations
 
+import datetime as dt
 import math
 import re
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import bm25s
 import numpy as np
@@ -42,19 +46,52 @@ from retrieval.types import Page, Passage
 
 CONTEXT_OVERHEAD = "[[citation:10]]\n\n"
 """What the prompt adds around each context; its token count is charged once per passage."""
+CHARS_PER_TOKEN = 3.5
+"""Characters per token where a budget is given in characters (``select --budget-chars``, the
+equal-characters comparisons of ``bench/selection.py``: B tokens = 3.5·B characters)."""
 
-RANK_WEIGHT = 0.15
-"""Prior for the page's search rank, relative to the best BM25 score (1.0)."""
-TITLE_WEIGHT = 0.2
-"""Prior for the share of the page title's terms found in the question."""
-BRIDGE_WEIGHT = 0.3
-"""Prior for a page whose title the best passages of other pages mention."""
 BRIDGE_FROM = 3
 """How many of the best passages are searched for other pages' titles."""
 DUPLICATE_JACCARD = 0.7
 """Shingle overlap above which a passage counts as a copy of a better one."""
 MIN_CUT_TOKENS = 24
 """A passage cut to fit the remaining budget must keep at least this much to be worth its marker."""
+RECENT_DAYS = 7
+"""A page dated within this many days before ``today`` gets the whole recency prior…"""
+RECENCY_FADE_DAYS = 30
+"""…which fades exponentially over this many days after."""
+LEAD_SPAN = 3.0
+"""The lead prior of a page's passage ``i`` is ``exp(-i / LEAD_SPAN)``: the first few passages."""
+
+
+@dataclass(frozen=True)
+class Weights:
+    """How :func:`rank` scores a passage: relevance (1.0 for the best) plus these priors.
+
+    Fitted on the even-numbered RealTimeQA dev600 questions (``bench/selection.py``), checked on the odd
+    ones and on HotpotQA dev. ``Weights(coverage=0, recency=0, lead=0)`` is the ranking before them.
+
+    Example::
+
+        rank(question, passages, weights=Weights(recency=0.0))  # no recency prior
+    """
+
+    rank: float = 0.15
+    """Prior for the page's search rank: ``rank / (1 + ln rank)``."""
+    title: float = 0.2
+    """Prior for the share of the page title's terms found in the question."""
+    bridge: float = 0.3
+    """Prior for a page whose title the best passages of other pages mention."""
+    coverage: float = 0.5
+    """Share of relevance given to coverage (IDF of the distinct question terms present) rather than
+    BM25: BM25 lets one frequent term carry a passage, coverage asks for the question's other terms."""
+    recency: float = 0.4
+    """Prior for a page published in the days before ``today`` (:func:`recency`)."""
+    lead: float = 0.3
+    """Prior for a page's first passages, where news states its facts."""
+
+
+WEIGHTS = Weights()
 
 _CLOSE = "\"'”’」』）)\\]"
 # A sentence ends at CJK end punctuation (no space follows in Chinese), or at Latin end
@@ -73,6 +110,39 @@ _WORD_SPAN = re.compile(r"\S+\s*")
 # Copies are compared word by word (each CJK character a word); unstemmed is fast and exact enough.
 _SHINGLE_WORD = re.compile(rf"[{CJK_CHARS}]|[^\W_]+")
 _TITLE_DECORATION = re.compile(r"\s*\([^()]*\)$|\s+[-|–—]\s.*$")
+# A date in a URL path, as news sites write them: /2026/02/04/, /2026-02-04/, /20260204/.
+_URL_DATE = re.compile(r"/(20\d\d|19\d\d)([-/]?)(0[1-9]|1[0-2])\2(0[1-9]|[12]\d|3[01])(?=[/_.-]|$)")
+
+
+def page_date(page: Page) -> dt.date | None:
+    """When ``page`` was published: its declared date (meta tags, the search result), else a date in
+    its URL; ``None`` when neither says."""
+    if page.date:
+        try:
+            return dt.date.fromisoformat(page.date[:10])
+        except ValueError:
+            pass
+    m = _URL_DATE.search(page.url)
+    if m is None:
+        return None
+    try:
+        return dt.date(int(m[1]), int(m[3]), int(m[4]))
+    except ValueError:
+        return None
+
+
+def recency(published: dt.date | None, today: dt.date | None) -> float:
+    """1 for a page published in the RECENT_DAYS before ``today`` (a day or two ahead allowed: time
+    zones, dates that are the event's), fading exponentially over RECENCY_FADE_DAYS after; 0 when
+    either date is unknown or the page claims a later date."""
+    if published is None or today is None:
+        return 0.0
+    age = (today - published).days
+    if age < -2:
+        return 0.0
+    if age <= RECENT_DAYS:
+        return 1.0
+    return math.exp(-(age - RECENT_DAYS) / RECENCY_FADE_DAYS)
 
 
 def split_sentences(text: str) -> list[str]:
@@ -131,13 +201,13 @@ def _split_long(sentence: str, limit: int, count_tokens: Callable[[str], int]) -
 
 
 def chunk(
-    page: Page, *, passage_tokens: int = 160, count_tokens: Callable[[str], int] = estimate_tokens
+    page: Page, *, passage_tokens: int = 120, count_tokens: Callable[[str], int] = estimate_tokens
 ) -> list[Passage]:
     """Passages of about ``passage_tokens`` (title line included), in reading order.
 
     Each passage's ``meta`` holds ``rank`` (the page's search rank), ``source`` (``page`` or
-    ``snippet``), ``chunk`` (its position in the page) and ``cuts``: offsets in ``text`` where a
-    sentence ends, so :func:`pack` can shorten it without cutting a sentence.
+    ``snippet``), ``chunk`` (its position in the page), ``date`` (:func:`page_date`) and ``cuts``:
+    offsets in ``text`` where a sentence ends, so :func:`pack` can shorten it without cutting a sentence.
     """
     title = " ".join(page.title.split())
     head = f"{title}\n" if title else ""
@@ -165,6 +235,7 @@ def chunk(
         groups.append(current)
 
     passages = []
+    published = page_date(page)
     for i, group in enumerate(groups):
         text = head
         cuts = []
@@ -178,20 +249,31 @@ def chunk(
                 title=title,
                 text=text,
                 tokens=count_tokens(text),
-                meta={"rank": page.rank, "source": page.source, "chunk": i, "cuts": tuple(cuts)},
+                meta={"rank": page.rank, "source": page.source, "chunk": i, "date": published, "cuts": tuple(cuts)},
             )
         )
     return passages
 
 
-def rank(question: str, passages: list[Passage], *, query: str | None = None) -> list[Passage]:
+def rank(
+    question: str,
+    passages: list[Passage],
+    *,
+    query: str | None = None,
+    today: dt.date | None = None,
+    weights: Weights = WEIGHTS,
+) -> list[Passage]:
     """Passages with their scores, best first.
 
-    Score = BM25 / best BM25 + RANK_WEIGHT / (1 + ln rank) + TITLE_WEIGHT * share of the title's
-    terms in the question, + BRIDGE_WEIGHT when the best passages of other pages name this
-    page's title. BM25 is computed over the given passages only, so a term's weight reflects how
-    rare it is among these results. Rank 0 (unknown) gets no rank prior.
+    Score = relevance + ``weights.rank`` / (1 + ln rank) + ``weights.title`` * share of the title's terms
+    in the question + ``weights.bridge`` when the best passages of other pages name this page's title +
+    ``weights.recency`` * :func:`recency` (page date against ``today``) + ``weights.lead`` *
+    ``exp(-chunk / LEAD_SPAN)``. Relevance blends BM25 / best BM25 with coverage / best coverage
+    (``weights.coverage``), both computed over the given passages only, so a term's weight reflects how
+    rare it is among these results. Rank 0 (unknown) gets no rank prior; a page without a date no
+    recency prior.
     """
+    w = weights
     if not passages:
         return []
     wanted = list(dict.fromkeys(terms(question) + terms(query or "")))
@@ -200,14 +282,20 @@ def rank(question: str, passages: list[Passage], *, query: str | None = None) ->
     top = float(bm25.max())
     if top > 0:
         bm25 /= top
+    coverage = _coverage(wanted, passage_terms)
+    if (most := float(coverage.max())) > 0:
+        coverage /= most
+    relevance = (1 - w.coverage) * bm25 + w.coverage * coverage
     wanted_set = set(wanted)
     title_terms = {title: terms(_TITLE_DECORATION.sub("", title)) for title in {p.title for p in passages}}
     title_share = {title: len(set(ts) & wanted_set) / len(set(ts)) if ts else 0.0 for title, ts in title_terms.items()}
     scores = []
-    for p, s in zip(passages, bm25):
+    for p, s in zip(passages, relevance):
         page_rank = p.meta.get("rank", 0)
-        prior = RANK_WEIGHT / (1 + math.log(page_rank)) if page_rank > 0 else 0.0
-        scores.append(float(s) + prior + TITLE_WEIGHT * title_share[p.title])
+        prior = w.rank / (1 + math.log(page_rank)) if page_rank > 0 else 0.0
+        prior += w.recency * recency(p.meta.get("date"), today)
+        prior += w.lead * math.exp(-p.meta.get("chunk", 0) / LEAD_SPAN)
+        scores.append(float(s) + prior + w.title * title_share[p.title])
 
     if top > 0:
         # Questions often reach their answer through an entity the best passage names ("the
@@ -218,7 +306,7 @@ def rank(question: str, passages: list[Passage], *, query: str | None = None) ->
         for i, p in enumerate(passages):
             core = title_terms[p.title]
             if core and p.url not in best_urls and f" {' '.join(core)} " in named:
-                scores[i] += BRIDGE_WEIGHT
+                scores[i] += w.bridge
     return [replace(passages[i], score=scores[i]) for i in _best_first(passages, scores)]
 
 
@@ -243,6 +331,17 @@ def _bm25(query: list[str], docs: list[list[str]]) -> np.ndarray:
     if not present:
         return np.zeros(len(docs), dtype=np.float32)
     return np.asarray(retriever.get_scores(present), dtype=np.float32)
+
+
+def _coverage(query: list[str], docs: list[list[str]]) -> np.ndarray:
+    """Per doc, the summed IDF (over ``docs``) of the distinct query terms it contains."""
+    present = [set(doc) for doc in docs]
+    n = len(docs)
+    weights = {}
+    for t in set(query):
+        df = sum(t in doc for doc in present)
+        weights[t] = math.log(1 + (n - df + 0.5) / (df + 0.5)) if df else 0.0
+    return np.asarray([sum(w for t, w in weights.items() if t in doc) for doc in present], dtype=np.float32)
 
 
 def _shingles(text: str) -> set[tuple[str, ...]]:
@@ -274,13 +373,18 @@ def dedupe(passages: Iterable[Passage], *, threshold: float = DUPLICATE_JACCARD)
 
 
 def pack(
-    passages: Iterable[Passage], budget_tokens: int, *, count_tokens: Callable[[str], int] = estimate_tokens
+    passages: Iterable[Passage],
+    budget_tokens: int,
+    *,
+    count_tokens: Callable[[str], int] = estimate_tokens,
+    context_overhead: str = CONTEXT_OVERHEAD,
 ) -> list[Passage]:
-    """Passages taken best first while ``count_tokens(text) + count_tokens(CONTEXT_OVERHEAD)``
+    """Passages taken best first while ``count_tokens(text) + count_tokens(context_overhead)``
     fits what is left of the budget. A passage that does not fit is cut at its last sentence end
     that fits when at least MIN_CUT_TOKENS of it remain; if nothing at all fits, the best passage
-    is cut at a word so the answer still gets some context. Returned in the order taken."""
-    overhead = count_tokens(CONTEXT_OVERHEAD)
+    is cut at a word so the answer still gets some context. Returned in the order taken.
+    ``context_overhead=""`` counts passage text only (the equal-characters comparisons)."""
+    overhead = count_tokens(context_overhead) if context_overhead else 0
     left = budget_tokens
     taken: list[Passage] = []
     best: Passage | None = None
@@ -329,12 +433,22 @@ def select_passages(
     budget_tokens: int,
     query: str | None = None,
     count_tokens: Callable[[str], int] = estimate_tokens,
-    passage_tokens: int = 160,
+    passage_tokens: int = 120,
+    today: dt.date | None = None,
+    context_overhead: str = CONTEXT_OVERHEAD,
+    weights: Weights = WEIGHTS,
 ) -> list[Passage]:
     """The passages to put in the prompt, within ``budget_tokens``, in prompt order: grouped by
-    page, pages by their best passage's score, each page's passages in reading order."""
+    page, pages by their best passage's score, each page's passages in reading order.
+
+    ``query``: the search query, ranked against with the question; ``today``: the question's date (the
+    service's clock), for the recency prior; ``count_tokens`` measures the budget (``len``: characters),
+    ``context_overhead`` is what each passage costs besides its text (see :func:`pack`); ``weights``
+    the ranking's (:class:`Weights`).
+    """
     candidates = [p for page in pages for p in chunk(page, passage_tokens=passage_tokens, count_tokens=count_tokens)]
-    packed = pack(dedupe(rank(question, candidates, query=query)), budget_tokens, count_tokens=count_tokens)
+    ranked = rank(question, candidates, query=query, today=today, weights=weights)
+    packed = pack(dedupe(ranked), budget_tokens, count_tokens=count_tokens, context_overhead=context_overhead)
     page_order: dict[str, int] = {}
     for p in packed:
         page_order.setdefault(p.url, len(page_order))

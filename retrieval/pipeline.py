@@ -8,6 +8,7 @@ page as it is read or falls back to its snippet) and ``SelectedEvent``.
 
 from __future__ import annotations
 
+import datetime as dt
 import inspect
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -70,9 +71,11 @@ class Retriever:
         budget_tokens: int | None = None,
         count_tokens: Callable[[str], int] = estimate_tokens,
         on_event: OnEvent | None = None,
+        today: dt.date | None = None,
     ) -> Retrieval:
         """``query`` is what goes to the search engine (the question itself when omitted);
-        passages are ranked against both."""
+        passages are ranked against both. ``today``: the date the question is asked, so pages of
+        the last days rank above old ones (see :func:`retrieval.passages.recency`)."""
         query = query or question
 
         async def emit(event: RetrievalEvent) -> None:
@@ -104,6 +107,7 @@ class Retriever:
             budget_tokens=budget_tokens or self.select.budget_tokens,
             count_tokens=count_tokens,
             passage_tokens=self.select.passage_tokens,
+            today=today,
         )
         await emit(
             SelectedEvent(

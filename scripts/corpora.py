@@ -5,11 +5,13 @@
 - CRAG: real search-result pages (raw HTML) under their original URLs, with the snippets the
   search engine returned.
 - AEB extraction pages: raw news HTML under their original URLs.
+- RealTimeQA dev600: weekly news-quiz questions with the real search results' full text.
 """
 
 from __future__ import annotations
 
 import bz2
+import datetime as dt
 import gzip
 import html
 import json
@@ -100,6 +102,33 @@ def crag_questions() -> list[CragQuestion]:
                 )
             )
     return out
+
+
+@dataclass(frozen=True)
+class RealtimeQuestion:
+    """A RealTimeQA question (a weekly news quiz) with up to 10 real search results and their full text."""
+
+    id: str
+    question: str
+    answer: str
+    date: dt.date  # when it was asked
+    results: tuple[dict, ...]  # {url, title, text}, in the search engine's order
+
+
+def realtimeqa_questions() -> list[RealtimeQuestion]:
+    """``qa/realtimeqa/dev600.jsonl.bz2`` (evaluation only: its authors state no licence)."""
+    with bz2.open(DATA / "qa" / "realtimeqa" / "dev600.jsonl.bz2", "rt", encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    return [
+        RealtimeQuestion(
+            id=r["id"],
+            question=r["question"],
+            answer=r["answer"],
+            date=dt.date.fromisoformat(r["question_date"].replace("/", "-")),
+            results=tuple(r["results"]),
+        )
+        for r in rows
+    ]
 
 
 def aeb_pages() -> Iterator[tuple[str, str, bytes]]:
