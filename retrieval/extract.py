@@ -1,17 +1,26 @@
 """Main text, title, date and language from an HTML page.
 
-trafilatura (fast mode, no fallbacks of its own) does the first pass, on a copy of the page from
-which class/id-marked newsletter, share and related-story boxes are removed (it keeps those when
-they sit inside the article element). Its output is checked
-against our own container extraction: the DOM node that dominates the page's text after
-boilerplate is stripped. Listings, product pages and forum threads are where trafilatura keeps
-too little (it drops link-heavy item lists and question posts), so when the container holds much
-more text we use it instead. On pages that declare no type, the DOM region spanning trafilatura's
-paragraphs is taken when it is moderately larger: it restores the headings and lists trafilatura
-dropped between them. What the page declares (schema.org JSON-LD, og:type) picks the rule:
-articles trust trafilatura, product pages demand a much larger surplus before switching (their
-containers carry related products and contact blocks), threads keep their replies. Lengths are counted in "units" (a CJK character or a Latin word),
-because Chinese has no spaces and word counts would call a long article short.
+trafilatura does the first pass in its fast mode (no fallbacks), on a copy of the page from which
+class/id-marked newsletter, share and related-story boxes are removed (it keeps those when they sit
+inside the article element). Its output is checked against our own container extraction: the DOM
+node that dominates the page's text after boilerplate is stripped. When the container holds far more
+text than the fast pass, the fast pass has probably lost the content, and trafilatura runs again in
+full mode, where it weighs its own result against readability's and jusText's: that full result is
+kept when it is longer. Only then is the container itself considered. Listings, product pages and
+forum threads are where trafilatura keeps too little (it drops link-heavy item lists and question
+posts), so when the container still holds much more text we use it instead. On pages that declare
+no type, the DOM region spanning trafilatura's paragraphs is taken when it is moderately larger: it
+restores the headings and lists trafilatura dropped between them. What the page declares (schema.org
+JSON-LD, og:type) picks the rule: articles trust trafilatura, product pages demand a much larger
+surplus before switching (their containers carry related products and contact blocks), threads keep
+their replies and skip the pre-pass (see ``_extract``). Lengths are counted in "units" (a CJK
+character or a Latin word), because Chinese has no spaces and word counts would call a long article
+short.
+
+The full pass costs a second, slower trafilatura run (≈50 ms here) on the pages that trigger it: 74
+of the 587 benchmark pages, mostly listings, threads and service pages. Declared articles whose whole
+page text is under twice the fast pass skip the container too, as it cannot trigger there.
+`bench.extraction` reports F1 by page type and speed against trafilatura's defaults.
 """
 
 from __future__ import annotations
@@ -129,7 +138,8 @@ def _drop_marked(tree: etree._Element) -> None:
     marked = [
         el
         for el in body.iter("*")
-        if el.tag not in ("body", "main", "article") and (el.get("class") or el.get("id"))
+        if el.tag not in ("body", "main", "article")
+        and (el.get("class") or el.get("id"))
         and _TRAILING_CHROME.search(_attrs(el))
     ]
     if not marked:  # nothing to remove: skip the size pass
@@ -317,6 +327,10 @@ _PRODUCT_TYPES = {"product", "productgroup"}
 # a thread's replies are what trafilatura calls comments; FAQ "Question"s are not threads, so not listed
 _FORUM_TYPES = {"qapage", "discussionforumposting", "comment", "socialmediaposting"}
 _MIN_ARTICLE_UNITS = 50
+# every text node of the body outside code, in one C-level pass: an upper bound on any candidate's text
+_PAGE_TEXT = etree.XPath(
+    "//body//text()[not(ancestor::script or ancestor::style or ancestor::noscript or ancestor::template)]"
+)
 
 
 def _declared_types(tree: etree._Element) -> set[str]:
@@ -342,28 +356,45 @@ def _is_product(types: set[str]) -> bool:
     return bool(types & _PRODUCT_TYPES) or any(t.startswith("og:product") for t in types)
 
 
+def _for_trafilatura(tree: etree._Element, forum: bool) -> etree._Element:
+    """A copy for trafilatura, which prunes the tree it is given."""
+    pruned = deepcopy(tree)
+    if not forum:
+        # On WCXB's declared threads the pre-pass found nothing to remove but per-post share icons,
+        # yet removing the page's code beforehand changed which posts trafilatura kept (0.86 → 0.66 F1
+        # on one thread), so threads go to trafilatura as they are.
+        _drop_marked(pruned)
+    return pruned
+
+
 def _extract(tree: etree._Element, url: str | None) -> Extracted:
     meta = Extracted(title=_title(tree), text="", date=_date(tree), language=_language(tree))
     types = _declared_types(tree)
     # comments only on threads, where the replies are the content; on news pages they are noise
     forum = bool(types & _FORUM_TYPES)
-    pruned = deepcopy(tree)
-    _drop_marked(pruned)
-    main = trafilatura.extract(pruned, url=url, fast=True, include_comments=forum, include_tables=True)
-    main = clean_text(main or "")
+    options = {"url": url, "include_comments": forum, "include_tables": True}
+    main = clean_text(trafilatura.extract(_for_trafilatura(tree, forum), fast=True, **options) or "")
     main_units = units(main)
-    if _is_article(types):
-        if main_units >= _MIN_ARTICLE_UNITS:
-            return _with_text(meta, _drop_title(tree, meta.title, main))
-        fallback = container_text(stripped_body(tree))
-        return _with_text(meta, _drop_title(tree, meta.title, fallback if units(fallback) > main_units else main))
+    article = _is_article(types)
+    if article and main_units >= _MIN_ARTICLE_UNITS and units(" ".join(_PAGE_TEXT(tree))) < 2 * main_units + 20:
+        # the container is part of the page's text, so it cannot hold twice the article either: most
+        # articles end here, without the cost of stripping a copy of the page
+        return _with_text(meta, _drop_title(tree, meta.title, main))
+    body = stripped_body(tree)
+    fallback = container_text(body)
+    fallback_units = units(fallback)
+    if fallback_units >= 2 * main_units + 20 or (article and main_units < _MIN_ARTICLE_UNITS):
+        full = clean_text(trafilatura.extract(_for_trafilatura(tree, forum), fast=False, **options) or "")
+        if (full_units := units(full)) > main_units:
+            main, main_units = full, full_units
+    if article:
+        text = main if main_units >= _MIN_ARTICLE_UNITS or fallback_units <= main_units else fallback
+        return _with_text(meta, _drop_title(tree, meta.title, text))
     # listings and threads: trafilatura drops link-heavy items and question posts, so a container
     # holding twice the text (plus a margin for stray chrome) is the better answer. On product
     # pages the container's surplus is mostly related products and reviews, so demand far more.
     factor = 4 if _is_product(types) else 2
-    body = stripped_body(tree)
-    fallback = container_text(body)
-    text = fallback if units(fallback) >= factor * main_units + 20 else main
+    text = fallback if fallback_units >= factor * main_units + 20 else main
     if text is main and not forum and not _is_product(types):
         # pages that declare nothing (services, collections): trafilatura keeps the paragraphs but drops
         # the headings, spec lists and captions between them; the region spanning its paragraphs holds
@@ -393,4 +424,3 @@ def _drop_title(tree: etree._Element, title: str, text: str) -> str:
 
 def _with_text(meta: Extracted, text: str) -> Extracted:
     return Extracted(title=meta.title, text=text, date=meta.date, language=meta.language)
-

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -58,6 +59,37 @@ def test_declared_forum_thread_keeps_opening_post_and_replies() -> None:
     assert "I don't like this new look" in text  # the opening post
     assert "I went with this application some years ago because it was trim" in text  # a reply
     assert "The previous UI was 1000x better" in text
+
+
+def _wcxb_f1(page_id: str, text: str) -> float:
+    gold = json.loads((DATA / "wcxb-dev" / "ground-truth" / f"{page_id}.json").read_text(encoding="utf-8"))
+    return f1(*overlap_pr(Counter(words(text)), Counter(words(gold["ground_truth"]["main_content"]))))
+
+
+@pytest.mark.parametrize(
+    ("page_id", "url", "sentence"),
+    [
+        # trafilatura's fast pass keeps 57 words of this article (a buying guide with product cards)
+        (
+            "4430",
+            "https://www.reviewed.com/laptops/best-right-now/the-best-gaming-laptops-under-1000",
+            "It is absolutely possible to find one of the best gaming laptops under $1,000.",
+        ),
+        # and 141 words of this product page, whose container is full of spec tables
+        ("3065", "https://www.oneplus.com/us/13", "40% higher Adreno GPU performance"),
+    ],
+)
+def test_full_pass_recovers_what_the_fast_pass_lost(page_id: str, url: str, sentence: str) -> None:
+    text = extract(_wcxb(page_id), url=url).text
+    assert sentence in text
+    assert _wcxb_f1(page_id, text) > 0.85
+
+
+def test_declared_thread_is_not_pre_pruned() -> None:
+    # pre-pruning this thread (only share icons and the page's code) made trafilatura keep the wrong
+    # posts: 0.66 F1 against 0.86 without it
+    text = extract(_wcxb("0545"), url="https://discussion.evernote.com/forums/topic/150745-new-ui-2024/").text
+    assert _wcxb_f1("0545", text) > 0.8
 
 
 def test_product_page_keeps_description_without_page_chrome() -> None:
