@@ -403,7 +403,9 @@ def pack(
             taken.append(cut)
             left -= cut.tokens + overhead
     if not taken and best is not None and budget_tokens > overhead:
-        word_ends = tuple(m.end() for m in re.finditer(r"\S+", best.text))
+        # a cut inside the title line would leave a context with no page text at all
+        head = len(best.title) + 1 if best.title and best.text.startswith(best.title + "\n") else 0
+        word_ends = tuple(m.end() for m in re.finditer(r"\S+", best.text) if m.start() >= head)
         cut = _cut(best, budget_tokens - overhead, count_tokens, word_ends)
         if cut is not None:
             taken.append(cut)
