@@ -356,6 +356,11 @@ def _is_product(types: set[str]) -> bool:
     return bool(types & _PRODUCT_TYPES) or any(t.startswith("og:product") for t in types)
 
 
+def _far_more(candidate_units: int, main_units: int, factor: int = 2) -> bool:
+    """Does a candidate hold ``factor`` times trafilatura's text, plus a margin for stray chrome?"""
+    return candidate_units >= factor * main_units + 20
+
+
 def _for_trafilatura(tree: etree._Element, forum: bool) -> etree._Element:
     """A copy for trafilatura, which prunes the tree it is given."""
     pruned = deepcopy(tree)
@@ -376,14 +381,15 @@ def _extract(tree: etree._Element, url: str | None) -> Extracted:
     main = clean_text(trafilatura.extract(_for_trafilatura(tree, forum), fast=True, **options) or "")
     main_units = units(main)
     article = _is_article(types)
-    if article and main_units >= _MIN_ARTICLE_UNITS and units(" ".join(_PAGE_TEXT(tree))) < 2 * main_units + 20:
-        # the container is part of the page's text, so it cannot hold twice the article either: most
-        # articles end here, without the cost of stripping a copy of the page
+    if article and main_units >= _MIN_ARTICLE_UNITS and not _far_more(units(" ".join(_PAGE_TEXT(tree))), main_units):
+        # the container is part of the page's text, so if the whole text is not far more, neither is the
+        # container and the full pass below cannot trigger: most articles end here, without the cost of
+        # stripping a copy of the page
         return _with_text(meta, _drop_title(tree, meta.title, main))
     body = stripped_body(tree)
     fallback = container_text(body)
     fallback_units = units(fallback)
-    if fallback_units >= 2 * main_units + 20 or (article and main_units < _MIN_ARTICLE_UNITS):
+    if _far_more(fallback_units, main_units) or (article and main_units < _MIN_ARTICLE_UNITS):
         full = clean_text(trafilatura.extract(_for_trafilatura(tree, forum), fast=False, **options) or "")
         if (full_units := units(full)) > main_units:
             main, main_units = full, full_units
@@ -394,7 +400,7 @@ def _extract(tree: etree._Element, url: str | None) -> Extracted:
     # holding twice the text (plus a margin for stray chrome) is the better answer. On product
     # pages the container's surplus is mostly related products and reviews, so demand far more.
     factor = 4 if _is_product(types) else 2
-    text = fallback if fallback_units >= factor * main_units + 20 else main
+    text = fallback if _far_more(fallback_units, main_units, factor) else main
     if text is main and not forum and not _is_product(types):
         # pages that declare nothing (services, collections): trafilatura keeps the paragraphs but drops
         # the headings, spec lists and captions between them; the region spanning its paragraphs holds
