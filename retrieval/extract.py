@@ -399,16 +399,19 @@ def _extract(tree: etree._Element, url: str | None) -> Extracted:
     # listings and threads: trafilatura drops link-heavy items and question posts, so a container
     # holding twice the text (plus a margin for stray chrome) is the better answer. On product
     # pages the container's surplus is mostly related products and reviews, so demand far more.
-    factor = 4 if _is_product(types) else 2
+    product = _is_product(types)
+    factor = 4 if product else 2
     text = fallback if _far_more(fallback_units, main_units, factor) else main
-    if text is main and not forum and not _is_product(types):
+    if text is main and not forum and not product:
         # pages that declare nothing (services, collections): trafilatura keeps the paragraphs but drops
         # the headings, spec lists and captions between them; the region spanning its paragraphs holds
         # them, and a modest surplus means that is what came back rather than a whole page of chrome
         region = region_text(body, main)
         if 1.2 * main_units <= units(region) <= 2.5 * main_units:
             text = region
-    return _with_text(meta, _drop_title(tree, meta.title, text))
+    # a product's name heads its description (the name is what the page is about, and shoppers quote it);
+    # an article's headline is the page's title, which every passage already carries
+    return _with_text(meta, text if product else _drop_title(tree, meta.title, text))
 
 
 def _norm(text: str) -> str:
@@ -423,7 +426,11 @@ def _drop_title(tree: etree._Element, title: str, text: str) -> str:
         return text
     candidates = [title] + [el.text_content() for el in (tree.find(".//h1"), tree.find(".//title")) if el is not None]
     for candidate in map(_norm, candidates):
-        if candidate and (head == candidate or (len(head) > 10 and head in candidate)):
+        # a headline inside a longer <title> ("Headline | Site") is most of it; a brand or section name
+        # that opens the text ("L'atelier Nawbar" in "Necklace – L'atelier Nawbar") is a small part of it
+        if candidate and (
+            head == candidate or (len(head) > 10 and head in candidate and 2 * len(head) >= len(candidate))
+        ):
             return rest
     return text
 

@@ -130,6 +130,22 @@ def test_headline_is_not_repeated_as_first_paragraph() -> None:
     assert not set(words(result.title)) >= set(words(first))
 
 
+def test_product_name_heads_a_product_page() -> None:
+    # a declared product's name is its description's first line (WCXB's gold keeps it), not a headline
+    url = "https://www.zalando.co.uk/bershka-faux-leather-jacket-black-bej22t0pl-q11.html"
+    result = extract(_wcxb("0625"), url=url)
+    assert result.text.split("\n\n", 1)[0] == "Faux leather jacket - black"
+    assert "100% polyester" in result.text
+
+
+def test_brand_line_that_is_a_small_part_of_the_title_stays() -> None:
+    # the <title> ends with the brand; the brand opening the text is not the headline repeated
+    url = "https://www.newtwist.com/product/latelier-nawbar-warrior-princess-diamond-drop-necklace"
+    result = extract(_wcxb("0599"), url=url)
+    assert "L’atelier Nawbar" in result.title
+    assert result.text.split("\n\n", 1)[0] == "L’atelier Nawbar"
+
+
 def test_aeb_trailing_newsletter_box_inside_article_is_dropped() -> None:
     truth = json.loads((DATA / "aeb" / "ground-truth.json").read_text(encoding="utf-8"))
     page_id = "08f793762792bd252c75fb57544cdf506ffcc04785136cb87503f02364b82b56"
