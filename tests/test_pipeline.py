@@ -91,7 +91,9 @@ async def test_straggler_and_blocked_pages_fall_back_to_snippets_within_the_dead
         started = time.monotonic()
         found = await r.retrieve("what does the page say", fetch=True)
         elapsed = time.monotonic() - started
-    assert elapsed < 1.5 + 0.5
+    # the hanging page would hold the turn for its 10 s timeout; the deadline ends it far sooner (the
+    # bound leaves a loaded 2-core CI room: deadline + 0.5 s failed there at 2.01 s)
+    assert elapsed < 5
     by_url = {p.url: p for p in found.pages}
     assert by_url["https://fixture.test/page"].source == "page"
     hang = by_url["https://fixture.test/hang"]
