@@ -9,7 +9,9 @@ with the call's opening, so the continuation is only the query and is parsed wit
 :func:`engine.parser.parse_forced_call`.
 
 :func:`related_questions` is the short extra generation for follow-up questions, constrained by a
-regex (three numbered lines) so a 3B model cannot break the format.
+regex (three numbered lines) so a 3B model cannot break the format. It is not parsed by the stream
+parser, so its lines are made plain text on their own (:func:`retrieval.search.base.plain_line`: no
+special-token spelling, no word joiner copied from a defanged page, one line).
 """
 
 from __future__ import annotations
@@ -34,15 +36,17 @@ from engine.parser import (
     TextEvent,
     parse_forced_call,
 )
-from engine.protocol import SPECIAL_TOKENS, Message
+from engine.protocol import Message
 from prompts.agent import (
     MALFORMED_CALL,
     RELATED_COUNT,
     RELATED_INSTRUCTION,
+    RELATED_MAX_CHARS,
     RELATED_REGEX,
     UNKNOWN_FUNCTION,
     in_language,
 )
+from retrieval.search.base import plain_line
 
 _PARTIAL_ESCAPE = re.compile(r"\\(?:u[0-9a-fA-F]{0,3})?$")  # a JSON escape cut in the middle
 _NUMBERED_LINE = re.compile(r"^\s*\d+[.)、]\s*(.+?)\s*$")
@@ -176,12 +180,6 @@ def _called_name(raw: str) -> str:
     return match.group(1) if match else "?"
 
 
-def _clean_question(line: str) -> str:
-    for token in SPECIAL_TOKENS:
-        line = line.replace(token, "")
-    return line.strip()
-
-
 async def related_questions(
     ctx: TurnContext,
     messages: Sequence[Message],
@@ -215,7 +213,7 @@ async def related_questions(
     questions: list[str] = []
     for line in lines:
         match = _NUMBERED_LINE.match(line)
-        candidate = _clean_question(match.group(1)) if match else ""
+        candidate = plain_line(match.group(1), RELATED_MAX_CHARS) if match else ""
         if candidate and candidate != question.strip() and candidate not in questions:
             questions.append(candidate)
     return questions[:RELATED_COUNT], meter.usage()

@@ -8,6 +8,11 @@ Two numberings meet here (see ``agent/events.py``):
 * **contexts** ``c``: what the model sees, ``[[citation:c]]``, consecutive from 1 across the rounds
   (round 2 continues after round 1), one per page, since the packer groups a page's passages.
 
+A source shows the user only what :func:`retrieval.search.base.clean_result` lets through: an http(s) URL
+(or a local corpus's ``corpus:`` name) and a plain single-line title and snippet. The search chain already
+cleans every result; numbering cleans again because this is where results become what the user sees,
+whatever retriever produced them (and results cached before a cleaning rule existed come back uncleaned).
+
 Page and user text never change the numbering: citation-like markers inside them
 (``[[citation:7]]``, ``[citation:2]``, ``【citation:3】``) are rewritten to ``(citation 7)`` before they
 go into an observation, so a hostile page cannot fake a context boundary or a reference.
@@ -24,6 +29,7 @@ from agent.state import Context
 from engine.protocol import render_observation
 from prompts.agent import NO_RESULTS
 from retrieval.passages import page_contexts
+from retrieval.search.base import clean_result
 from retrieval.types import Passage, SearchResult
 
 _MARKER_LIKE = re.compile(r"[\[【]+\s*citation\s*[:：]\s*([\d,，\s]*)[\]】]+", re.IGNORECASE)
@@ -41,11 +47,13 @@ def defang_markers(text: str) -> str:
 
 
 def number_sources(results: Sequence[SearchResult], known: Sequence[Source], *, round: int) -> list[Source]:
-    """The results not yet among ``known`` (by URL), numbered after them."""
+    """The results not yet among ``known`` (by URL), numbered after them; a result whose URL may not be
+    shown is left out (:func:`retrieval.search.base.clean_result`)."""
     seen = {s.url for s in known}
     new: list[Source] = []
-    for result in results:
-        if result.url in seen:
+    for found in results:
+        result = clean_result(found)
+        if result is None or result.url in seen:
             continue
         seen.add(result.url)
         new.append(

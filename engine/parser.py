@@ -19,6 +19,14 @@ starting another message) end the turn; ``<|role_end|>``, ``<|pad|>``, ``<|unk|>
 are far more likely HTML talk than modality markers. In a text stream a special token and the same
 characters spelt with ordinary tokens look alike; both are treated as the token.
 
+The word joiner (U+2060) that :func:`engine.protocol.defang_special_tokens` puts into special-token
+spellings of prompt text is taken out of everything the parser passes on (chat text, the transcript, the
+string arguments of a call): a model that copies a defanged page copies the invisible character too, and
+it must not reach the user, the stored answer or a search query. This happens after tokens are matched, so
+a copied spelling (``<``, U+2060, ``|turn_end|>``) comes out as the characters ``<|turn_end|>`` and never as
+the token. Those characters are safe in later prompts: token-id prompts encode text with special-token
+parsing off, and text prompts are defanged again, which puts the same joiner back in the same place.
+
 Function calls: text before ``<|function_start|>`` is emitted first, then ``FunctionCallStarted``; the
 body is collected up to ``<|function_end|>`` and parsed into ``FunctionCallEvent`` or ``FunctionCallError``.
 If the stream ends inside the body (``<|function_end|>`` used as a stop string and stripped, or an end
@@ -65,6 +73,8 @@ _STREAM_TOKENS: Final = (*_END_TOKENS, *_DROPPED_TOKENS, FUNCTION_START)
 _STREAM_TOKEN_RE: Final = re.compile("|".join(re.escape(t) for t in sorted(_STREAM_TOKENS, key=len, reverse=True)))
 _TOKEN_PREFIXES: Final = frozenset(t[:i] for t in _STREAM_TOKENS for i in range(1, len(t)))
 _CALL_STOP_RE: Final = re.compile("|".join(re.escape(t) for t in (FUNCTION_END, *_END_TOKENS)))
+# What defang_special_tokens inserts after the "<" of a special-token spelling in prompt text.
+WORD_JOINER: Final = "\u2060"
 
 # Required arguments of the functions the model may call; anything else is an "unknown_function".
 DEFAULT_FUNCTIONS: Final[Mapping[str, tuple[str, ...]]] = {SEARCH_FUNCTION_NAME: ("query",)}
@@ -74,7 +84,8 @@ ErrorKind = Literal["malformed_json", "not_an_object", "unknown_function", "miss
 
 @dataclass(frozen=True, slots=True)
 class TextEvent:
-    """Chat text to show; never contains a special token or part of one, nor part of a citation marker."""
+    """Chat text to show: never a token the model emitted or part of one, nor part of a citation marker, nor
+    a word joiner (a special-token spelling the model copied from a page is text, see the module docstring)."""
 
     text: str
 
@@ -117,7 +128,10 @@ Event = TextEvent | FunctionCallStarted | FunctionCallEvent | FunctionCallError 
 def parse_function_call(
     raw: str, functions: Mapping[str, Sequence[str]] = DEFAULT_FUNCTIONS
 ) -> FunctionCallEvent | FunctionCallError:
-    """Parse a call body ``{"name": ..., "arguments": {...}}``; ``arguments`` may also be a JSON string."""
+    """Parse a call body ``{"name": ..., "arguments": {...}}``; ``arguments`` may also be a JSON string.
+
+    String arguments come without word joiners (``raw`` keeps them: it is the call as generated).
+    """
     try:
         call = json.loads(raw)
     except json.JSONDecodeError as exc:
@@ -136,6 +150,7 @@ def parse_function_call(
             return FunctionCallError("malformed_json", f"arguments of {name} are not valid JSON: {exc}", raw)
     if not isinstance(arguments, dict):
         return FunctionCallError("not_an_object", f"arguments of {name} must be an object", raw)
+    arguments = {key: v.replace(WORD_JOINER, "") if isinstance(v, str) else v for key, v in arguments.items()}
     for param in functions[name]:
         value = arguments.get(param)
         if value is None or (isinstance(value, str) and not value.strip()):
@@ -159,7 +174,8 @@ def _held_tail(buffer: str) -> int:
     """Where the tail that might still become a special token or a citation marker starts."""
     start = _token_tail(buffer)
     bracket = buffer.rfind("[")
-    if bracket >= 0 and bracket < start and _PARTIAL_CITATION_RE.match(buffer, bracket):
+    # Judged without word joiners, as the text will be emitted: a joiner inside a marker does not split it.
+    if 0 <= bracket < start and _PARTIAL_CITATION_RE.match(buffer[bracket:].replace(WORD_JOINER, "")):
         start = bracket
     return start
 
@@ -207,16 +223,17 @@ class StreamParser:
             self._call_body += self._buffer
             self._buffer = ""
             return self._finish_call()
-        if self._buffer:
-            events.append(self._emit_text(self._buffer))
-            self._buffer = ""
+        self._emit_text(events, self._buffer)
+        self._buffer = ""
         self._done = True
         events.append(TurnEnd(finish_reason or "stop"))
         return events
 
-    def _emit_text(self, text: str) -> TextEvent:
-        self._text.append(text)
-        return TextEvent(text)
+    def _emit_text(self, events: list[Event], text: str) -> None:
+        text = text.replace(WORD_JOINER, "")
+        if text:
+            self._text.append(text)
+            events.append(TextEvent(text))
 
     def _finish_call(self) -> list[Event]:
         assert self._call_body is not None
@@ -233,12 +250,10 @@ class StreamParser:
             match = _STREAM_TOKEN_RE.search(self._buffer)
             if match is None:
                 keep = _held_tail(self._buffer)
-                if keep:
-                    events.append(self._emit_text(self._buffer[:keep]))
-                    self._buffer = self._buffer[keep:]
+                self._emit_text(events, self._buffer[:keep])
+                self._buffer = self._buffer[keep:]
                 return events
-            if match.start():
-                events.append(self._emit_text(self._buffer[: match.start()]))
+            self._emit_text(events, self._buffer[: match.start()])
             token = match.group()
             self._buffer = self._buffer[match.end() :]
             if token == FUNCTION_START:

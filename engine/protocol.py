@@ -72,7 +72,10 @@ SPECIAL_TOKENS: Final = (
     "<|pad|>",
 )
 
-_SPECIAL_SPELLING_RE: Final = re.compile("|".join(re.escape(t) for t in sorted(SPECIAL_TOKENS, key=len, reverse=True)))
+# Defanged in text sent as text: the chat tokens, and the Omni media markers (special tokens in MegrezO's
+# vocabulary: a page saying "<image>" must not become an image slot without an image).
+_DEFANGED: Final = (*SPECIAL_TOKENS, "<image>", "</image>", "<audio>", "</audio>")
+_SPECIAL_SPELLING_RE: Final = re.compile("|".join(re.escape(t) for t in sorted(_DEFANGED, key=len, reverse=True)))
 
 Role = Literal["system", "user", "assistant", "observation"]
 MediaKind = Literal["image", "audio"]

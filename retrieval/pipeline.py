@@ -18,6 +18,7 @@ from retrieval.config import FetchConfig, SearchConfig, SelectConfig
 from retrieval.events import PageEvent, RetrievalEvent, SearchEvent, SearchFailure, SelectedEvent
 from retrieval.fetch import Fetcher
 from retrieval.passages import select_passages
+from retrieval.search.base import MAX_TITLE_CHARS, plain_line
 from retrieval.search.chain import SearchChain, SearchOutcome
 from retrieval.search.factory import build_search
 from retrieval.tokenize import estimate_tokens
@@ -97,7 +98,9 @@ class Retriever:
             return found
 
         async def on_page(page: Page) -> None:
-            await emit(PageEvent(url=page.url, title=page.title, source=page.source, error=page.error))
+            # A fetched page's own title (HTML or PDF) reaches users: one plain line, like search results' titles.
+            title = plain_line(page.title, MAX_TITLE_CHARS)
+            await emit(PageEvent(url=page.url, title=title, source=page.source, error=page.error))
 
         found.pages = await self._read(outcome.results, fetch=fetch, on_page=on_page)
         found.passages = select_passages(

@@ -18,12 +18,18 @@ import os
 from collections.abc import Iterator
 
 import pytest
+from hypothesis import settings
 
 from api.settings import Settings
 from scripts.net import RedisServer
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+
+# Property tests are reproducible: the same examples on every run and machine (no example database),
+# so a CI failure is a failure of the code, not of the draw.
+settings.register_profile("megrez", derandomize=True, database=None, print_blob=True)
+settings.load_profile("megrez")
 
 # What the service reads by default, before isolated_settings turns it off.
 PRODUCT_ENV_FILE = Settings.model_config["env_file"]

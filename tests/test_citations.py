@@ -20,7 +20,9 @@ from agent.citations import (
 
 # Context numbers differ from source numbers on purpose, so a test sees whether the mapping was applied.
 SOURCES = {1: 11, 2: 12, 3: 13, 5: 15}
-FAST = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FAST = settings(
+    max_examples=200, derandomize=True, database=None, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
 
 
 def run(

@@ -104,7 +104,7 @@ def test_search_local_corpus_with_fetch_prints_cited_passages(monkeypatch, capsy
     assert "results from local" in err
     assert out.startswith("[1] Eiffel Tower\n") and "Gustave Eiffel" in out
     # The passages, then the source list: one source, the file the passage came from.
-    assert out.splitlines()[-1] == f"[1] Eiffel Tower — {(corpus / 'eiffel.md').resolve().as_uri()}"
+    assert out.splitlines()[-1] == "[1] Eiffel Tower — corpus:eiffel.md"  # never a file:// path of the server
 
     code, out, _ = run(monkeypatch, capsys, ["search", "green tea", "--backend", "local", "--json"])
     assert code == 0

@@ -29,7 +29,9 @@ STREAM_TOKENS = (*END_TOKENS, *DROPPED_TOKENS, FUNCTION_START)
 TOKEN_RE = re.compile("|".join(re.escape(t) for t in STREAM_TOKENS))
 CALL = '{"name": "googleWebSearch", "arguments": {"query": "北京 天气"}}'
 
-FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FAST = settings(
+    max_examples=150, derandomize=True, database=None, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
 
 
 def run(chunks: list[str], finish_reason: str | None = None) -> tuple[StreamParser, list[Event]]:
@@ -171,6 +173,20 @@ def test_end_tokens(token):
 def test_finish_reason_without_end_token():
     assert run(["cut"], "length")[1] == [TextEvent("cut"), TurnEnd("length")]
     assert run([])[1] == [TurnEnd("stop")]
+
+
+def test_word_joiners_go_after_tokens_are_matched():
+    # What a model writes when it copies a defanged page: the spelling comes out as characters, not as the token.
+    stream = "See <\u2060|turn_end|> and [cit\u2060ation:1].\u2060" + TURN_END
+    for chunks in ([stream], list(stream)):
+        parser, events = run(chunks)
+        assert "".join(texts(events)) == parser.transcript == "See <|turn_end|> and [citation:1]."
+        assert others(events) == [TurnEnd(TURN_END)]
+        assert_markers_whole(["See <|turn_end|> and [citation:1]."], events)
+    assert run(["\u2060", "\u2060"])[1] == [TurnEnd("stop")]  # nothing left to show: no empty text event
+    body = '{"name": "googleWebSearch", "arguments": {"query": "<\u2060|eos|> \\u2060meaning"}}'
+    _, events = run([FUNCTION_START + body + FUNCTION_END])
+    assert FunctionCallEvent("googleWebSearch", {"query": "<|eos|> meaning"}, body) in events  # raw as generated
 
 
 def test_dropped_tokens_and_media_tags():

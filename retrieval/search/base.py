@@ -1,4 +1,12 @@
-"""The interface every search backend implements, its errors, and the helpers they share."""
+"""The interface every search backend implements, its errors, and the helpers they share.
+
+Search results are untrusted: a hostile or broken page, index or backend decides their URL, title and
+snippet, and all three are shown to the user. :func:`dedupe`, which every result passes through on its
+way out of the fallback chain, therefore keeps only results whose URL a user can be shown
+(:func:`is_source_url`: an absolute http(s) URL, or a local corpus's ``corpus:`` name) and makes their
+title and snippet plain single-line text (:func:`plain_line`). A ``javascript:``, ``data:`` or ``file:``
+result is dropped there, so it is neither fetched nor numbered as a source.
+"""
 
 from __future__ import annotations
 
@@ -7,10 +15,11 @@ import unicodedata
 from collections.abc import Iterable
 from dataclasses import replace
 from typing import Literal, Protocol, get_args
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
 import httpx
 
+from engine.protocol import SPECIAL_TOKENS
 from retrieval.types import SearchResult
 
 TimeRange = Literal["day", "week", "month", "year"]
@@ -78,16 +87,90 @@ def normalize_url(url: str) -> str:
     return urlunsplit((scheme, netloc, path, query, ""))
 
 
+# Where a local corpus document without a web address lives: ``corpus:<path in the corpus>``. Not a link
+# and never fetched, and unlike a ``file:`` URL it does not tell visitors where the server keeps its files.
+CORPUS_SCHEME = "corpus"
+# Bounds on what one result may put into every sources event and stored turn.
+MAX_URL_CHARS = 4096
+MAX_TITLE_CHARS = 300
+MAX_SNIPPET_CHARS = 1000
+
+# Invisible characters that reorder or hide text (bidi embeddings, overrides, isolates and marks; U+2060,
+# the word joiner that defangs special tokens; U+FEFF) and lone surrogates, which no UTF-8 output accepts.
+_HIDDEN = re.compile(r"[\u061c\u200e\u200f\u202a-\u202e\u2060\u2066-\u2069\ufeff\ud800-\udfff]")
+_CONTROL_OR_SPACE = re.compile(r"[\s\x00-\x1f\x7f-\x9f]+")
+_SPECIAL_SPELLING = re.compile("|".join(re.escape(t) for t in SPECIAL_TOKENS))
+
+
+def plain_line(text: str, limit: int) -> str:
+    """``text`` as one line of plain text of at most ``limit`` characters, for showing to a user.
+
+    Control characters and line breaks become spaces, runs of spaces one space; bidi controls, word
+    joiners and lone surrogates go; Megrez special-token spellings (``<|turn_end|>``) become a space, which
+    cannot join what is left into another one. A longer text is cut and ends with ``…``.
+    """
+    text = _HIDDEN.sub("", text)
+    if "<|" in text:
+        text = _SPECIAL_SPELLING.sub(" ", text)
+    text = _CONTROL_OR_SPACE.sub(" ", text).strip()
+    return text if len(text) <= limit else text[: limit - 1].rstrip() + "…"
+
+
+def _printable(text: str) -> bool:
+    return text.isprintable() and not any(char.isspace() for char in text)
+
+
+def is_web_url(url: str) -> bool:
+    """An absolute http(s) URL with a host, without spaces, control or bidi characters, of bounded length."""
+    if len(url) > MAX_URL_CHARS or not _printable(url):
+        return False
+    try:
+        parts = urlsplit(url)
+        # ``port`` raises ValueError for a port that is not a number in range; 0 is no port either.
+        return parts.scheme.lower() in ("http", "https") and bool(parts.hostname) and parts.port != 0
+    except ValueError:
+        return False
+
+
+def corpus_url(name: str) -> str:
+    """The source URL of a corpus document that has no web address: ``corpus:`` and its ``name`` (a path
+    in the corpus), with what would end the name or the line percent-encoded."""
+    return f"{CORPUS_SCHEME}:" + "".join(
+        quote(char, safe="", errors="surrogatepass") if char in "%#?" or not _printable(char) else char for char in name
+    )
+
+
+def is_source_url(url: str) -> bool:
+    """Whether a result with this URL may be shown as a source: a web URL, or a corpus name."""
+    if url.startswith(f"{CORPUS_SCHEME}:"):
+        return len(url) > len(CORPUS_SCHEME) + 1 and len(url) <= MAX_URL_CHARS and _printable(url)
+    return is_web_url(url)
+
+
+def clean_result(result: SearchResult) -> SearchResult | None:
+    """``result`` with a plain title and snippet, or None when its URL may not be shown (see the module
+    docstring). The URL itself is never rewritten: it is the page's identity downstream."""
+    if not is_source_url(result.url):
+        return None
+    return replace(
+        result, title=plain_line(result.title, MAX_TITLE_CHARS), snippet=plain_line(result.snippet, MAX_SNIPPET_CHARS)
+    )
+
+
 def dedupe(results: Iterable[SearchResult], limit: int | None = None) -> list[SearchResult]:
-    """Keep the first hit per normalised URL, re-ranked 1..n, at most ``limit``."""
+    """Keep the first hit per normalised URL, re-ranked 1..n, at most ``limit``; results whose URL may
+    not be shown are dropped and the others cleaned (:func:`clean_result`)."""
     seen: set[str] = set()
     out: list[SearchResult] = []
     for result in results:
-        key = normalize_url(result.url)
-        if not result.url or key in seen:
+        cleaned = clean_result(result)
+        if cleaned is None:
+            continue
+        key = normalize_url(cleaned.url)
+        if key in seen:
             continue
         seen.add(key)
-        out.append(replace(result, rank=len(out) + 1))
+        out.append(replace(cleaned, rank=len(out) + 1))
         if limit is not None and len(out) >= limit:
             break
     return out

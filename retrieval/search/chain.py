@@ -97,7 +97,7 @@ class SearchChain:
             hit = await self._cache.get(key)
             if hit is not None:
                 return SearchOutcome(
-                    results=[SearchResult(**r) for r in hit["results"]], backend=hit["backend"], cached=True
+                    results=dedupe(SearchResult(**r) for r in hit["results"]), backend=hit["backend"], cached=True
                 )
 
         failures: list[tuple[str, str]] = []

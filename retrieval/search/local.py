@@ -4,6 +4,11 @@ The corpus is a folder of HTML/Markdown/text files (searched recursively) or a J
 ``{"url", "title", "text", "published"?}`` documents. The index is built once and kept under
 ``index_dir`` in a folder named after a fingerprint of the corpus (paths, sizes, mtimes), so an
 unchanged corpus loads without re-tokenising and a changed one is re-indexed.
+
+A document's URL is the web address it declares (an absolute http(s) URL: a JSONL row's ``url``, a
+Markdown front matter's ``canonical``/``url``, an HTML ``<link rel=canonical>``); without one it is named
+by where it is in the corpus, ``corpus:nested/rivers.md`` or ``corpus:docs.jsonl:17`` (file and line).
+Never a ``file:`` URL: results are shown to visitors, who have no business learning the server's paths.
 """
 
 from __future__ import annotations
@@ -27,14 +32,21 @@ import lxml.html
 import numpy as np
 
 from retrieval.extract import extract
-from retrieval.search.base import BackendMisconfigured, TimeRange, check_time_range, normalize_url
+from retrieval.search.base import (
+    BackendMisconfigured,
+    TimeRange,
+    check_time_range,
+    corpus_url,
+    is_web_url,
+    normalize_url,
+)
 from retrieval.tokenize import terms
 from retrieval.types import SearchResult
 
 log = logging.getLogger(__name__)
 
 # Bump when the stored layout or the way documents are read/tokenised changes.
-INDEX_VERSION = 1
+INDEX_VERSION = 2
 FILE_SUFFIXES = frozenset({".html", ".htm", ".md", ".markdown", ".txt"})
 SNIPPET_CHARS = 300
 _RANGE_DAYS = {"day": 1, "week": 7, "month": 31, "year": 366}
@@ -144,11 +156,11 @@ class _Index:
 
 def corpus_fingerprint(corpus_path: Path) -> str:
     """Changes whenever a corpus file is added, removed, resized or touched."""
-    h = hashlib.sha256(f"v{INDEX_VERSION}\0{corpus_path.resolve()}".encode())
+    h = hashlib.sha256(f"v{INDEX_VERSION}\0".encode() + os.fsencode(corpus_path.resolve()))
     for path in _corpus_files(corpus_path):
         st = path.stat()
         name = path.relative_to(corpus_path) if corpus_path.is_dir() else path.name
-        h.update(f"\0{name}\0{st.st_size}\0{st.st_mtime_ns}".encode())
+        h.update(b"\0" + os.fsencode(name) + f"\0{st.st_size}\0{st.st_mtime_ns}".encode())
     return h.hexdigest()
 
 
@@ -163,7 +175,7 @@ def build_index(docs: list[dict]) -> bm25s.BM25:
 
 def _open_index(corpus_path: Path, index_dir: Path) -> _Index:
     fingerprint = corpus_fingerprint(corpus_path)
-    prefix = hashlib.sha256(str(corpus_path.resolve()).encode()).hexdigest()[:12]
+    prefix = hashlib.sha256(os.fsencode(corpus_path.resolve())).hexdigest()[:12]
     folder = index_dir / f"{prefix}-{fingerprint[:24]}"
     if (folder / "meta.json").exists():
         try:
@@ -254,13 +266,18 @@ def read_corpus(corpus_path: Path) -> list[dict]:
     docs = []
     for path in _corpus_files(corpus_path):
         try:
-            doc = _read_file(path)
+            doc = _read_file(path, path.relative_to(corpus_path).as_posix())
         except (OSError, UnicodeDecodeError, ValueError) as exc:
             log.warning("skipping %s: %s", path, exc)
             continue
         if doc["text"].strip():
             docs.append(doc)
     return docs
+
+
+def _utf8(value: object) -> str:
+    """``str(value)`` that UTF-8 can encode: JSON allows lone surrogates ("\\ud800"), the saved index does not."""
+    return str(value).encode("utf-8", "replace").decode("utf-8")
 
 
 def _read_jsonl(path: Path) -> list[dict]:
@@ -271,11 +288,12 @@ def _read_jsonl(path: Path) -> list[dict]:
                 continue
             try:
                 row = json.loads(line)
+                declared = _utf8(row["url"])
                 doc = {
-                    "url": str(row["url"]),
-                    "title": str(row.get("title") or ""),
-                    "text": str(row["text"]),
-                    "published": str(row["published"]) if row.get("published") else None,
+                    "url": declared if is_web_url(declared) else corpus_url(f"{path.name}:{n}"),
+                    "title": _utf8(row.get("title") or ""),
+                    "text": _utf8(row["text"]),
+                    "published": _utf8(row["published"]) if row.get("published") else None,
                 }
             except (ValueError, KeyError, TypeError) as exc:
                 log.warning("%s line %d: not a document (%s)", path, n, exc)
@@ -288,10 +306,13 @@ _FRONT_MATTER = re.compile(r"\A---\s*\n(.*?)\n---\s*\n", re.DOTALL)
 _HEADING = re.compile(r"^#{1,6}\s+(.+?)\s*#*\s*$", re.MULTILINE)
 
 
-def _read_file(path: Path) -> dict:
-    url = path.resolve().as_uri()
+def _read_file(path: Path, name: str) -> dict:
+    """The document in the file at ``path``, ``name`` being its path inside the corpus."""
+    url = corpus_url(name)
+    # A file name that is not UTF-8 comes with lone surrogates, which the stored index cannot hold.
+    stem = path.stem.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
     if path.suffix.lower() in (".html", ".htm"):
-        return _read_html(path.read_bytes(), url, path.stem)
+        return _read_html(path.read_bytes(), url, stem)
     text = path.read_text(encoding="utf-8", errors="replace")
     doc = {"url": url, "title": "", "text": text, "published": None}
     if path.suffix.lower() in (".md", ".markdown"):
@@ -305,12 +326,12 @@ def _read_file(path: Path) -> dict:
             doc["title"] = fields.get("title", "")
             doc["published"] = fields.get("date")
             declared = fields.get("canonical") or fields.get("url") or ""
-            if declared.startswith(("http://", "https://")):
+            if is_web_url(declared):
                 doc["url"] = declared
-            doc["text"] = text = text[match.end():]
+            doc["text"] = text = text[match.end() :]
         if not doc["title"] and (heading := _HEADING.search(text)):
             doc["title"] = heading.group(1)
-    doc["title"] = doc["title"] or path.stem
+    doc["title"] = doc["title"] or stem
     return doc
 
 
@@ -327,7 +348,7 @@ def _read_html(raw: bytes, url: str, fallback_title: str) -> dict:
         body = tree.find(".//body")
         text = re.sub(r"\s+", " ", (body if body is not None else tree).text_content()).strip()
     return {
-        "url": canonical if canonical.startswith(("http://", "https://")) else url,
+        "url": canonical if is_web_url(canonical) else url,
         "title": title or fallback_title,
         "text": text,
         "published": extracted.date,
