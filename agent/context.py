@@ -10,6 +10,13 @@ the engine takes and counts their tokens:
 * without it (a remote server and no local tokenizer): the prompt goes as text with every special
   token spelling in the text defanged (:func:`engine.protocol.defang_special_tokens`), and tokens are
   counted by the server (``/tokenize``), one round trip per message, cached for the turn.
+
+The function-call token ids (the last generation bans ``<|function_start|>`` by id) are looked up by
+tokenizing the marker's text: locally, or through the server's ``/tokenize``. vLLM's encodes with the
+model's Hugging Face tokenizer, which matches *added* tokens in text, so the marker comes back as its
+one id when the server's tokenizer has it as an added token (checked against vLLM's own app in
+``tests/test_engine_openai.py``); otherwise (a vocabulary entry only, or a server that is not vLLM) the
+id is ``None`` and the graph's fallback keeps the turn answering (``agent/graph.py``, ``generate``).
 """
 
 from __future__ import annotations

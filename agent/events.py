@@ -21,6 +21,7 @@ turn (a URL found again keeps its number). The model sees consecutive context nu
 
 from __future__ import annotations
 
+import hashlib
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, Field, TypeAdapter
@@ -36,6 +37,9 @@ ErrorCode = Literal[
     "engine_unavailable",  # the engine is not running or cannot be reached
     "engine_error",  # the engine failed this request
     "internal",  # a bug: logged with its traceback
+    # Sent by the service around a turn, not by the agent (api/turns.py, api/redis_memory.py):
+    "store_unavailable",  # the conversation store could not be reached: the turn could not be saved or followed
+    "interrupted",  # the server running the turn stopped before it finished (another replica ended its stream)
 ]
 
 
@@ -148,9 +152,14 @@ class AnswerEvent(BaseModel):
 
 
 class ErrorEvent(BaseModel):
+    """Why the turn ended without an answer. ``message`` is a plain sentence anyone may read; ``detail``
+    holds the specifics for operators (server addresses, library errors): logged, and sent only to key
+    holders."""
+
     type: Literal["error"] = "error"
     code: ErrorCode
     message: str
+    detail: str | None = None
 
 
 Event = Annotated[
@@ -183,6 +192,10 @@ class MediaRef(BaseModel):
     kind: Literal["image", "audio"]
     sha256: str
     bytes: int
+
+    @classmethod
+    def of(cls, kind: Literal["image", "audio"], data: bytes) -> MediaRef:
+        return cls(kind=kind, sha256=hashlib.sha256(data).hexdigest(), bytes=len(data))
 
 
 class TurnRecord(BaseModel):

@@ -16,7 +16,10 @@
   model; ``always`` prefills the call and constrains the query with a regex on the first round;
   once ``max_rounds`` searches are done (or with ``off``) the ``<|function_start|>`` token is banned
   through ``logit_bias`` — the system prompt stays the same, so the prefix cache still hits — and
-  so **every turn ends with an answer**.
+  so **every turn ends with an answer**. Where the ban cannot hold (a remote server whose
+  ``/tokenize`` does not give the token's id, or one that ignores ``logit_bias``) text before a call
+  is the answer; a call with nothing before it is asked once more with the function left out of the
+  system prompt (that request misses the prefix cache).
 * **search** runs the retriever with the model's query, streams ``query``/``sources``/``page``
   events, and appends the observation (contexts numbered on from earlier rounds).
 * **cite** resolves the final answer's citations (already normalised while streaming), **check**
@@ -58,16 +61,19 @@ from agent.generation import related_questions, stream_generation
 from agent.history import trim_history
 from agent.prompting import answer_language, media_request, search_reserve
 from agent.sources import build_contexts, number_sources, observation_text, passages_by_source
-from agent.state import Generation, TurnInput, TurnOutput, TurnState
+from agent.state import Generation, TurnInput, TurnOutput, TurnState, add_usage
 from engine.base import EngineError, EngineUnavailable, Sampling
 from engine.omni.errors import MediaError
 from engine.protocol import FORCED_SEARCH_REGEX, Message, render_observation, system_prompt
 from prompts.agent import EMPTY_ANSWER, in_language
+from prompts.search import FUNCTIONS_INTRO
 from retrieval.events import PageEvent, RetrievalEvent, SearchEvent, SelectedEvent
 
 log = logging.getLogger(__name__)
 
 BAN = -100.0  # vLLM clamps logit_bias to ±100: enough to make a token impossible in practice
+ENGINE_UNAVAILABLE = "The model engine is unavailable right now; try again in a moment."
+ENGINE_FAILED = "The model engine could not answer this question."
 
 
 def _fail(runtime: Runtime[TurnContext], code: ErrorCode, message: str) -> dict[str, Any]:
@@ -76,10 +82,23 @@ def _fail(runtime: Runtime[TurnContext], code: ErrorCode, message: str) -> dict[
 
 
 def engine_failure(exc: EngineError) -> ErrorEvent:
-    """The error event for an engine that cannot be reached or failed the request."""
-    if isinstance(exc, EngineUnavailable):
-        return ErrorEvent(code="engine_unavailable", message=f"the model engine is unavailable: {exc}")
-    return ErrorEvent(code="engine_error", message=f"the model engine failed: {exc}")
+    """The error event for an engine that cannot be reached or failed the request: a plain message for
+    anyone, the engine's own words (server addresses, library errors) as the operator's ``detail``, logged
+    here (the log line carries the turn's message id)."""
+    unavailable = isinstance(exc, EngineUnavailable)
+    event = ErrorEvent(
+        code="engine_unavailable" if unavailable else "engine_error",
+        message=ENGINE_UNAVAILABLE if unavailable else ENGINE_FAILED,
+        detail=str(exc) or type(exc).__name__,
+    )
+    log.warning("turn failed (%s): %s", event.code, event.detail)
+    return event
+
+
+def _without_tool(system: Message) -> Message:
+    """The system message with the function description left out: ``system_prompt(now, search=False)``
+    for the same ``now``."""
+    return Message("system", system.content.partition("\n" + FUNCTIONS_INTRO)[0])
 
 
 def _messages(state: TurnState) -> list[Message]:
@@ -175,10 +194,11 @@ async def generate(state: TurnState, runtime: Runtime[TurnContext]) -> dict[str,
         stage, message = ("thinking", "Thinking") if rounds == 0 else ("answering", "Writing the answer")
         write(StatusEvent(stage=stage, message=message))
     first_token: list[float] = []
-    try:
-        out = await stream_generation(
+
+    def run(prompt_messages: list[Message]):
+        return stream_generation(
             ctx,
-            codec.prompt(messages, force_search=force),
+            codec.prompt(prompt_messages, force_search=force),
             sampling,
             write=write,
             resolve={c.number: c.n for c in state.get("contexts", [])},
@@ -187,29 +207,45 @@ async def generate(state: TurnState, runtime: Runtime[TurnContext]) -> dict[str,
             forced=force,
             on_first_token=lambda: first_token.append(ctx.elapsed_ms()),
         )
+
+    def called(generation: Generation) -> bool:
+        # The tool could not be called, yet the model did: the ban did not hold (a remote server that could
+        # not tell us the token's id, or one that ignores logit_bias).
+        return generation.kind in ("call", "call_error") and not tools and not force
+
+    notes: list[str] = []
+    try:
+        out = await run(messages)
+        usage = out.usage
+        if called(out.generation) and not out.generation.text.strip():
+            # Nothing to answer with: ask once more with the function left out of the system prompt. The
+            # changed first message costs the prefix cache this once (a working ban keeps it).
+            notes.append("the model tried to call the search tool when it could not: asked again without the tool")
+            write(StatusEvent(stage="answering", message="Writing the answer"))
+            out = await run([_without_tool(messages[0]), *messages[1:]])
+            usage = add_usage(usage, out.usage)
     except EngineError as exc:
         runtime.stream_writer(engine_failure(exc))
         return {"failed": True}
     generation = out.generation
-    update: dict[str, Any] = {"usage": out.usage, "fallback": False}
+    update: dict[str, Any] = {"usage": usage, "fallback": False, "notes": notes}
     if first_token and state.get("first_token_ms") is None:
         update["first_token_ms"] = first_token[0]
     message = out.message
-    if generation.kind in ("call", "call_error") and not tools and not force:
-        # The ban did not hold (a remote engine that could not tell us the token's id): what came
-        # before the call is the answer, and the call is not kept.
+    if called(generation):
+        # What came before the call is the answer, and the call is not kept.
         generation = Generation("answer", generation.text)
         message = Message("assistant", generation.text)
-        update["notes"] = ["the model tried to call the search tool when it could not: its call was ignored"]
+        notes.append("the model tried to call the search tool when it could not: its call was ignored")
     elif generation.kind == "call_error" and (force or state.get("repaired")):
         # Forced query unusable → answer without search; second bad call → force the search.
         update["tools_off" if force else "fallback"] = True
         if force:
-            update["notes"] = [f"the search query could not be used ({generation.error}): answered without searching"]
+            notes.append(f"the search query could not be used ({generation.error}): answered without searching")
         update["generation"] = generation
         return update
     elif generation.kind == "answer" and out.finish_reason == "length":
-        update["notes"] = [f"the answer was cut at {sampling.max_tokens} tokens"]
+        notes.append(f"the answer was cut at {sampling.max_tokens} tokens")
     update["generation"] = generation
     if message is not None:
         update["turn"] = [message]
@@ -277,7 +313,7 @@ async def search(state: TurnState, runtime: Runtime[TurnContext]) -> dict[str, A
         )
     except Exception as exc:  # retrieval reports expected failures as data; anything else must not kill the turn
         log.exception("retrieval failed for %r", query)
-        found, notes = None, [f"search failed ({type(exc).__name__}: {exc}): answered without sources"]
+        found, notes = None, ["search failed: answered without sources"]  # the detail is in the log
         update["tools_off"] = True
     ended = time.monotonic()
     contexts = build_contexts(found.passages, known + new_sources, start=start) if found is not None else []
@@ -357,8 +393,9 @@ async def related(state: TurnState, runtime: Runtime[TurnContext]) -> dict[str, 
             multimodal=state.get("multimodal"),
             extra_prompt_tokens=state.get("media_tokens", 0),
         )
-    except EngineError as exc:
-        return {"notes": [f"no follow-up questions: {exc}"]}
+    except EngineError as exc:  # notes reach every visitor: the engine's own text (addresses) goes to the log
+        log.warning("no follow-up questions: %s", exc)
+        return {"notes": ["no follow-up questions: the model engine failed"]}
     if questions:
         runtime.stream_writer(RelatedEvent(questions=questions))
     return {"related": questions, "usage": usage}

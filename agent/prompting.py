@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Sequence
 from typing import Any, Final
@@ -85,8 +84,6 @@ def media_request(
     return {
         "multimodal": request.multimodal,
         "media_tokens": request.prompt_tokens - len(request.prompt_ids),
-        "media_refs": [
-            MediaRef(kind=m.kind, sha256=hashlib.sha256(m.data).hexdigest(), bytes=len(m.data)) for m in media
-        ],
+        "media_refs": [MediaRef.of(m.kind, m.data) for m in media],
         "notes": [f"{r.kind} {r.index + 1}: {r.adjustment}" for r in request.media if r.adjustment],
     }

@@ -26,6 +26,8 @@ from retrieval.pipeline import Retriever
 
 log = logging.getLogger(__name__)
 
+INTERNAL_ERROR = "Something went wrong on our side while answering; it has been logged. Please try again."
+
 
 class TurnStream:
     """The events of one turn, then its answer and record.
@@ -127,8 +129,8 @@ class Agent:
             except EngineError as exc:  # looking the function-call tokens up (a remote server that is down)
                 yield engine_failure(exc)
             except Exception as exc:  # a bug: the caller still gets a well-formed end of stream
-                log.exception("turn %s failed", request_id)
-                yield ErrorEvent(code="internal", message=f"internal error ({type(exc).__name__}): {exc}")
+                log.exception("turn %s failed", request_id)  # the detail, with its traceback
+                yield ErrorEvent(code="internal", message=INTERNAL_ERROR, detail=f"{type(exc).__name__}: {exc}")
 
         return TurnStream(events)
 

@@ -8,10 +8,19 @@ Owners: what a caller creates (conversations, their messages and streams) belong
 ``key-<first 16 hex of the key's SHA-256>``, or ``anonymous`` without keys — and another owner gets
 404 on read, resume, stop and delete, as if it did not exist.
 
+A 401 says ``WWW-Authenticate: Bearer`` (RFC 6750; ``error="invalid_token"`` for a wrong key).
+
+Key guessing: requests with a wrong key are counted per client address (``MEGREZ_AUTH__WRONG_KEYS``,
+e.g. ``10/minute``); an address over that count gets 429 with ``Retry-After`` on *every* route that
+needs a key until its window moves on, whatever key it sends: were the right key still let through, a
+guesser would learn when it found one. The client address is the direct peer, or ``X-Forwarded-For``
+when the peer is a trusted proxy (``api/http_guard.py: server_config``).
+
 Rate limits (``MEGREZ_RATE__REQUESTS``, e.g. ``300/minute``): a moving window per owner (per client
 IP without keys) with the maintained ``limits`` package, in Redis when configured (shared by the
 replicas) else in process; over the limit is a 429 with ``Retry-After``. Concurrent turns per owner
 (``MEGREZ_RATE__CONCURRENT_TURNS``) are counted by the memory store (``acquire_slot``), across replicas.
+The limiter's store being down lets requests through (logged) rather than refusing everyone.
 """
 
 from __future__ import annotations
@@ -53,6 +62,7 @@ class Access:
             for k in auth.api_keys
         ]
         self.rate = parse(rate.requests) if rate.requests else None
+        self.wrong_keys = parse(auth.wrong_keys) if auth.wrong_keys and self._digests else None
         self.concurrent_turns = rate.concurrent_turns
         if redis_url:
             from limits.aio.storage import RedisStorage
@@ -72,29 +82,58 @@ class Access:
         """The caller's owner id; 401 when keys are configured and none (or a wrong one) was sent."""
         if not self._digests:
             return ANONYMOUS
-        scheme, _, key = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not key.strip():
-            raise HTTPException(401, "this service needs an API key: send Authorization: Bearer <key>")
-        digest = hashlib.sha256(key.strip().encode()).digest()
+        key = _bearer_key(request)
+        if not key:
+            raise _unauthorized("this service needs an API key: send Authorization: Bearer <key>", wrong=False)
+        digest = hashlib.sha256(key.encode()).digest()
         if not any(hmac.compare_digest(digest, known) for known in self._digests):
-            raise HTTPException(401, "the API key is not valid")
-        return owner_of_key(key.strip())
+            raise _unauthorized("the API key is not valid", wrong=True)
+        return owner_of_key(key)
 
     async def check(self, request: Request) -> str:
-        """The owner, after the key and the rate limit (429 with ``Retry-After`` when over it)."""
-        owner = self.owner(request)
+        """The owner, after the key, the wrong-key count of the caller's address and the rate limit (401, or
+        429 with ``Retry-After``)."""
+        address = request.client.host if request.client else "unknown"
+        if self.wrong_keys is not None and not await self._allowed(self._limiter.test, self.wrong_keys, address):
+            retry = await self._retry_after(self.wrong_keys, address)
+            raise HTTPException(
+                429,
+                f"too many requests with a wrong API key from {address}; retry in {retry} s",
+                headers={"Retry-After": str(retry)},
+            )
+        try:
+            owner = self.owner(request)
+        except HTTPException:
+            if self.wrong_keys is not None and _bearer_key(request):
+                await self._allowed(self._limiter.hit, self.wrong_keys, address)
+            raise
         if self.rate is not None:
-            who = owner if self._digests else f"ip-{request.client.host if request.client else 'unknown'}"
-            try:
-                allowed = await self._limiter.hit(self.rate, who)
-            except Exception as exc:  # the limiter's store is down: serve rather than refuse everyone
-                log.warning("rate limit not checked (%s: %s)", type(exc).__name__, exc)
-                allowed = True
-            if not allowed:
-                stats = await self._limiter.get_window_stats(self.rate, who)
-                retry = max(1, math.ceil(stats.reset_time - time.time()))
+            who = owner if self._digests else f"ip-{address}"
+            if not await self._allowed(self._limiter.hit, self.rate, who):
+                retry = await self._retry_after(self.rate, who)
                 raise HTTPException(
                     429, f"rate limit of {self.rate} exceeded; retry in {retry} s", headers={"Retry-After": str(retry)}
                 )
         request.state.owner = owner
         return owner
+
+    async def _allowed(self, call, limit, *identifiers: str) -> bool:
+        try:
+            return await call(limit, *identifiers)
+        except Exception as exc:  # the limiter's store is down: serve rather than refuse everyone
+            log.warning("rate limit not checked (%s: %s)", type(exc).__name__, exc)
+            return True
+
+    async def _retry_after(self, limit, *identifiers: str) -> int:
+        stats = await self._limiter.get_window_stats(limit, *identifiers)
+        return max(1, math.ceil(stats.reset_time - time.time()))
+
+
+def _bearer_key(request: Request) -> str:
+    scheme, _, key = request.headers.get("authorization", "").partition(" ")
+    return key.strip() if scheme.lower() == "bearer" else ""
+
+
+def _unauthorized(message: str, *, wrong: bool) -> HTTPException:
+    challenge = 'Bearer realm="megrez-search"' + (', error="invalid_token"' if wrong else "")
+    return HTTPException(401, message, headers={"WWW-Authenticate": challenge})

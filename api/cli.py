@@ -259,6 +259,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     import uvicorn
 
     from api.app import create_app
+    from api.http_guard import server_config
     from api.logs import configure
 
     os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
@@ -270,7 +271,14 @@ def cmd_serve(args: argparse.Namespace) -> None:
         file=sys.stderr,
         flush=True,
     )
-    uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="info", log_config=None)
+    # Request heads and bodies bounded in time, X-Forwarded-For trusted only from MEGREZ_API__TRUSTED_PROXIES.
+    config = server_config(
+        create_app(settings), settings, host=args.host, port=args.port, log_level="info", log_config=None
+    )
+    server = uvicorn.Server(config)
+    server.run()
+    if not server.started:
+        raise CommandFailed(f"the server did not start on {args.host}:{args.port} (see the log above)")
 
 
 def _positive(value: str) -> int:

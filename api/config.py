@@ -12,6 +12,27 @@ class ApiConfig(BaseModel):
     max_image_pixels: int = Field(default=40_000_000, ge=1, description="Pixels per image (width × height).")
     max_audio: int = Field(default=2, ge=0, description="Audio clips per request.")
     max_audio_seconds: float = Field(default=120.0, gt=0, description="Length of one audio clip.")
+    turn_lease_s: float = Field(
+        default=15.0,
+        ge=1,
+        description="A running turn's lease, renewed every third of it; a turn whose replica died is stored as "
+        "failed, and its conversation and slot freed, once it runs out.",
+    )
+    store_retry_s: float = Field(
+        default=30.0,
+        ge=0,
+        description="How long a turn keeps retrying its writes while the conversation store (Redis) is down.",
+    )
+    header_timeout_s: float = Field(
+        default=10.0, gt=0, description="Longest wait for a request's head (line and headers); 408 and close after."
+    )
+    body_timeout_s: float = Field(
+        default=30.0, gt=0, description="Longest pause between two pieces of a request body; 408 after."
+    )
+    trusted_proxies: list[str] = Field(
+        default=[],
+        description="Addresses or CIDRs of reverse proxies whose X-Forwarded-For names the client; empty: none.",
+    )
 
 
 class AuthConfig(BaseModel):
@@ -21,6 +42,11 @@ class AuthConfig(BaseModel):
         default=[],
         description='Accepted API keys, a JSON list; an entry "sha256:<hex>" is a key given by its SHA-256. '
         "Empty: no keys needed.",
+    )
+    wrong_keys: str = Field(
+        default="10/minute",
+        description="Requests with a wrong key one client address may send, in the `limits` notation, before all "
+        "its requests get 429 for the rest of the window; '' = no limit.",
     )
 
 

@@ -1,9 +1,13 @@
 """Images and audio in a chat request: decoded from base64 / data URLs or file parts, checked early.
 
 Each item is checked before a turn starts, so a bad upload is a 4xx naming the item
-(``images[1]: not an image``) rather than a failed turn: the count, that it decodes (PIL reads the
-header, libsndfile the clip's format), the pixels and the seconds against ``settings.api``. The
-agent then does the full decoding and fitting (``engine/omni/request.py``).
+(``images[1]: not an image``) rather than a failed turn: the count, the pixels and the seconds against
+``settings.api``, and that it decodes. An image is checked without decoding a full-size pixel buffer:
+its header gives the size (a decompression bomb is refused there, before any pixel is decoded); then
+PIL's ``verify()`` walks the file's structure (a truncated or corrupt PNG fails its chunk checks), and
+a JPEG, whose ``verify()`` checks nothing, is decoded at 1/8 scale, which reads every byte of it.
+libsndfile reads a clip's format and length. The agent then does the full decoding and fitting
+(``engine/omni/request.py``).
 """
 
 from __future__ import annotations
@@ -35,15 +39,25 @@ def decode_base64(value: str, name: str) -> bytes:
 
 
 def check_image(data: bytes, name: str, config: ApiConfig) -> MediaItem:
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
+    too_many = f"{name}: more than {config.max_image_pixels} pixels"
     try:
         with Image.open(io.BytesIO(data)) as image:
             width, height = image.size
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
-        raise MediaRejected(f"{name}: not an image this service can read ({exc})") from None
-    if width * height > config.max_image_pixels:
-        raise MediaRejected(f"{name}: {width}x{height} is more than {config.max_image_pixels} pixels")
+        if width * height > config.max_image_pixels:
+            raise MediaRejected(f"{too_many} ({width}x{height})")
+        with Image.open(io.BytesIO(data)) as image:  # verify() leaves its image unusable: a second open
+            image.verify()
+        with Image.open(io.BytesIO(data)) as image:
+            if image.draft("RGB", (max(1, width // 8), max(1, height // 8))) is not None:  # JPEG only
+                image.load()
+    except MediaRejected:
+        raise
+    except Image.DecompressionBombError:
+        raise MediaRejected(too_many) from None
+    except Exception as exc:  # PIL parsing hostile bytes raises more than OSError (SyntaxError, struct.error, …)
+        raise MediaRejected(f"{name}: not an image this service can read ({type(exc).__name__}: {exc})") from None
     return MediaItem("image", data)
 
 

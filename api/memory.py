@@ -1,21 +1,26 @@
 """Conversation memory and per-message event streams: the interface, and the in-process store.
 
 Two stores share one interface (:class:`Memory`): :class:`api.redis_memory.RedisMemory` when
-``MEGREZ_REDIS_URL`` is set (its module docstring holds the key schema), else :class:`LocalMemory`
-(one process; nothing survives a restart).
+``MEGREZ_REDIS_URL`` is set (its module docstring holds the key schema and the scripts), else
+:class:`LocalMemory` (one process; nothing survives a restart).
 
-A message's events form a stream with ids a client sends back as ``Last-Event-ID``. The stream's
-last event is always ``done`` (``{"type": "done", "status": …}``, written by ``end_message``).
-Events are appended in batches (``append_events``): the turn runner hands over whatever piled up
-while the previous write was in flight, so a loaded store sees one write per batch, not per token.
+**Streams.** A message's events form a stream whose ids a client sends back as ``Last-Event-ID``.
+The turn's writer numbers the events itself (:class:`EventIds`, ``<ms>-<seq>`` as Redis writes them)
+before it hands a batch to ``append_events``: a batch retried after a lost reply carries the same ids,
+so Redis refuses the copy instead of storing the events twice. The stream's last event is always
+``done`` (``{"type": "done", "status": …}``), written by ``finish_message`` in the same step as the
+turn record, the message's status and the release of the conversation's lock.
+
+**Leases.** A running message holds a lease that the runner renews (``renew``, every few seconds);
+the conversation's lock and the owner's turn slot expire with it. A turn whose process died stops
+renewing: when the lease has run out, whoever notices first — a follower of its stream, a stop or a
+new question on another replica, the periodic sweep (``reap_expired``) — stores the turn as
+``failed`` with what its stream showed, ends the stream with ``error`` and ``done`` and frees the
+conversation (``reap``). In one process (:class:`LocalMemory`) nothing can die alone, so it never reaps.
 
 Followers in the process that runs the turn read a :class:`LiveStream` (the events in memory, with
-the store's ids): no store round trip per event per follower. Both stores keep one for every message
-they started; Redis also has the stream for followers on other replicas and for resumes later.
-
-One turn at a time per conversation: ``start_message`` raises :class:`ConversationBusy` while another
-message of the conversation runs (in Redis, across replicas). Stop requests reach the replica that runs
-the turn through ``request_stop`` / ``stop_requests``.
+their ids): no store round trip per event per follower. Both stores keep one for every message they
+started; Redis also has the stream for followers on other replicas and for resumes later.
 """
 
 from __future__ import annotations
@@ -24,21 +29,23 @@ import asyncio
 import bisect
 import hashlib
 import json
+import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 from pydantic import BaseModel
 
-from agent.events import TurnRecord
+from agent.events import ErrorEvent, MediaRef, TurnRecord
 
 MessageStatus = Literal["running", "done", "stopped", "failed"]
 DONE = "done"  # the last event of every message stream: {"type": "done", "status": ...}
 TITLE_CHARS = 80
 ANONYMOUS = "anonymous"  # the owner of everything when the service has no API keys
-SLOT_TTL_S = 900  # a turn slot not released (a replica died) frees itself after this
+_ID_PART_MAX = 2**64 - 1  # Redis stream ids are two unsigned 64-bit numbers
+_EVENT_ID = re.compile(r"([0-9]{1,20})-([0-9]{1,20})")
 
 
 class StoreUnavailable(RuntimeError):
@@ -47,6 +54,10 @@ class StoreUnavailable(RuntimeError):
 
 class ConversationBusy(RuntimeError):
     """A turn of this conversation is still running."""
+
+
+class ConversationGone(RuntimeError):
+    """The conversation does not exist (any more): deleted, or expired."""
 
 
 class TooManyTurns(RuntimeError):
@@ -62,18 +73,56 @@ class Conversation(BaseModel):
 
 
 class StoredTurn(BaseModel):
+    """One turn as a conversation keeps it: finished (``done``), ``stopped`` or ``failed`` — the last two
+    with everything the user saw before the end, and a failed one with its error."""
+
     message_id: str
     record: TurnRecord
     status: MessageStatus = "done"
+    error: ErrorEvent | None = None
+
+
+@dataclass(frozen=True)
+class MessageStart:
+    """What a message's store entry keeps from its start, so another replica can store the turn as failed
+    if this one dies: the conversation, the owner (whose slot it holds), the question and its media."""
+
+    conversation_id: str
+    owner: str
+    question: str
+    media: tuple[MediaRef, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
 class StoredEvent:
-    """One event of a message's stream; ``id`` is what a client sends back as ``Last-Event-ID``."""
+    """One event of a message's stream; ``id`` is what a client sends back as ``Last-Event-ID``
+    (empty for an event made up by a reader, which never was in the store)."""
 
     id: str
     type: str
     data: str  # the event's JSON
+
+
+class EventIds:
+    """Stream ids for one message, strictly increasing: ``<ms>-<seq>`` from the wall clock, as Redis
+    would choose them, so ids are comparable with the ones Redis writes itself (a reaper's).
+
+    Example::
+
+        ids = EventIds()
+        ids.next(), ids.next()  # ('1700000000000-0', '1700000000000-1')
+    """
+
+    def __init__(self) -> None:
+        self._ms, self._seq = 0, -1
+
+    def next(self) -> str:
+        now = int(time.time() * 1000)
+        if now > self._ms:
+            self._ms, self._seq = now, 0
+        else:  # the same millisecond, or the clock went back: keep counting on the last one
+            self._seq += 1
+        return f"{self._ms}-{self._seq}"
 
 
 def title_of(question: str) -> str:
@@ -91,10 +140,15 @@ def new_id() -> str:
 
 def event_id_key(event_id: str) -> tuple[int, int]:
     """A stream id (``<ms>-<seq>``, as Redis writes them) as a sortable pair; ``ValueError`` if it is not one."""
-    ms, sep, seq = event_id.partition("-")
-    if not (sep and ms.isascii() and seq.isascii() and ms.isdigit() and seq.isdigit()):
-        raise ValueError(f"not an event id: {event_id!r} (ids look like 1700000000000-0)")
-    return int(ms), int(seq)
+    # At most 20 digits a part: Redis refuses longer ids (even zero-padded ones), and int() of thousands of
+    # digits raises an error of its own.
+    match = _EVENT_ID.fullmatch(event_id)
+    if match is None:
+        raise ValueError(f"not an event id: {event_id[:40]!r} (ids look like 1700000000000-0)")
+    key = int(match[1]), int(match[2])
+    if max(key) > _ID_PART_MAX:
+        raise ValueError(f"not an event id: {event_id[:40]!r} (each part is at most {_ID_PART_MAX})")
+    return key
 
 
 def done_data(status: MessageStatus) -> str:
@@ -104,20 +158,26 @@ def done_data(status: MessageStatus) -> str:
 class Memory(Protocol):
     """What the service needs from a store (see the module docstring, and ``api/redis_memory.py`` for the keys)."""
 
+    lease_s: float  # a running message's lease (and its lock's and slot's lifetime) unless renewed
+
     async def ping(self) -> None: ...
     async def create_conversation(self, question: str, owner: str = ANONYMOUS) -> Conversation: ...
     async def get_conversation(self, cid: str) -> Conversation | None: ...
     async def list_conversations(self, owner: str = ANONYMOUS, limit: int = 50) -> list[Conversation]: ...
+    async def running_message(self, cid: str) -> str | None: ...
     async def delete_conversation(self, cid: str) -> bool: ...
     async def acquire_slot(self, owner: str, slot: str, limit: int) -> bool: ...
     async def release_slot(self, owner: str, slot: str) -> None: ...
+    async def renew(self, messages: Iterable[str], slots: Iterable[tuple[str, str]]) -> None: ...
     async def turns(self, cid: str) -> list[StoredTurn]: ...
-    async def add_turn(self, cid: str, turn: StoredTurn) -> None: ...
-    async def start_message(self, cid: str, mid: str) -> None: ...
+    async def start_message(self, mid: str, start: MessageStart) -> None: ...
     async def message_status(self, mid: str) -> tuple[str, MessageStatus] | None: ...
-    async def append_events(self, mid: str, events: Sequence[tuple[str, str]]) -> list[str]: ...
-    async def end_message(self, mid: str, status: MessageStatus) -> str: ...
+    async def append_events(self, mid: str, events: Sequence[StoredEvent]) -> None: ...
+    async def finish_message(self, mid: str, turn: StoredTurn | None, done: StoredEvent) -> bool: ...
+    def end_here(self, mid: str, events: Sequence[StoredEvent]) -> None: ...
     def events(self, mid: str, after: str | None = None) -> AsyncIterator[StoredEvent]: ...
+    async def reap(self, mid: str) -> bool: ...
+    async def reap_expired(self, skip: Iterable[str] = ()) -> list[str]: ...
     async def request_stop(self, mid: str) -> None: ...
     def stop_requests(self) -> AsyncIterator[str]: ...
     async def put_media(self, data: bytes) -> str: ...
@@ -146,9 +206,10 @@ class LiveStream:
         self.changed.set()
         self.changed = asyncio.Event()  # followers wait on the next one
 
-    def end(self, event: StoredEvent, status: MessageStatus) -> None:
-        self.status, self.ended = status, time.monotonic()
-        self.add([event])
+    def end(self, events: Sequence[StoredEvent]) -> None:
+        """Add the last events, ``done`` last (its status becomes the stream's)."""
+        self.status, self.ended = json.loads(events[-1].data)["status"], time.monotonic()
+        self.add(events)
 
     async def follow(self, after: str | None) -> AsyncIterator[StoredEvent]:
         """The events after id ``after`` (all if ``None``), then live ones until ``done``."""
@@ -177,11 +238,13 @@ class LocalMemory:
         conv = await memory.create_conversation("Who designed the Eiffel Tower?")
     """
 
-    def __init__(self, *, stream_ttl_s: int = 3600) -> None:
+    def __init__(self, *, stream_ttl_s: int = 3600, lease_s: float = 15.0) -> None:
         self.stream_ttl_s = stream_ttl_s  # ended messages' streams are dropped after this, as in Redis
+        self.lease_s = lease_s  # a slot not renewed for this long frees itself
         self._conversations: dict[str, Conversation] = {}
         self._turns: dict[str, list[StoredTurn]] = {}
         self._messages: dict[str, LiveStream] = {}
+        self._of_conversation: dict[str, set[str]] = {}  # conversation id → its messages (deleted with it)
         self._running: dict[str, str] = {}  # conversation id → its running message
         self._slots: dict[str, dict[str, float]] = {}  # owner → slot → expiry (time.monotonic())
         self._media: dict[str, bytes] = {}
@@ -203,6 +266,17 @@ class LocalMemory:
         mine = [c for c in self._conversations.values() if c.owner == owner]
         return sorted(mine, key=lambda c: c.updated, reverse=True)[:limit]
 
+    async def running_message(self, cid: str) -> str | None:
+        return self._running.get(cid)
+
+    async def delete_conversation(self, cid: str) -> bool:
+        if cid in self._running:
+            raise ConversationBusy(f"conversation {cid} is answering a question")
+        self._turns.pop(cid, None)
+        for mid in self._of_conversation.pop(cid, ()):
+            self._messages.pop(mid, None)
+        return self._conversations.pop(cid, None) is not None
+
     async def acquire_slot(self, owner: str, slot: str, limit: int) -> bool:
         now = time.monotonic()
         slots = self._slots.setdefault(owner, {})
@@ -210,57 +284,73 @@ class LocalMemory:
             del slots[old]
         if len(slots) >= limit:
             return False
-        slots[slot] = now + SLOT_TTL_S
+        slots[slot] = now + self.lease_s
         return True
 
     async def release_slot(self, owner: str, slot: str) -> None:
         self._slots.get(owner, {}).pop(slot, None)
 
-    async def delete_conversation(self, cid: str) -> bool:
-        self._turns.pop(cid, None)
-        return self._conversations.pop(cid, None) is not None
+    async def renew(self, messages: Iterable[str], slots: Iterable[tuple[str, str]]) -> None:
+        until = time.monotonic() + self.lease_s
+        for owner, slot in slots:
+            if slot in self._slots.get(owner, {}):
+                self._slots[owner][slot] = until
 
     async def turns(self, cid: str) -> list[StoredTurn]:
         return list(self._turns.get(cid, []))
 
-    async def add_turn(self, cid: str, turn: StoredTurn) -> None:
-        conv = self._conversations[cid]
-        self._turns[cid].append(turn)
-        self._conversations[cid] = conv.model_copy(update={"updated": time.time()})
-
-    async def start_message(self, cid: str, mid: str) -> None:
+    async def start_message(self, mid: str, start: MessageStart) -> None:
+        cid = start.conversation_id
+        if cid not in self._conversations:
+            raise ConversationGone(f"unknown conversation {cid}")
         if cid in self._running:
             raise ConversationBusy(f"conversation {cid} is answering another question")
         cutoff = time.monotonic() - self.stream_ttl_s
         for old in [m for m, msg in self._messages.items() if msg.ended is not None and msg.ended < cutoff]:
             del self._messages[old]
         self._messages[mid] = LiveStream(cid)
+        self._of_conversation.setdefault(cid, set()).add(mid)
         self._running[cid] = mid
 
     async def message_status(self, mid: str) -> tuple[str, MessageStatus] | None:
         message = self._messages.get(mid)
         return None if message is None else (message.conversation_id, message.status)
 
-    async def append_events(self, mid: str, events: Sequence[tuple[str, str]]) -> list[str]:
-        message = self._messages[mid]
-        first = len(message.events) + 1
-        stored = [StoredEvent(f"{first + i}-0", type_, data) for i, (type_, data) in enumerate(events)]
-        message.add(stored)
-        return [e.id for e in stored]
+    async def append_events(self, mid: str, events: Sequence[StoredEvent]) -> None:
+        message = self._messages.get(mid)
+        if message is not None and message.status == "running":
+            message.add(events)
 
-    async def end_message(self, mid: str, status: MessageStatus) -> str:
-        message = self._messages[mid]
-        event = StoredEvent(f"{len(message.events) + 1}-0", DONE, done_data(status))
-        message.end(event, status)
+    async def finish_message(self, mid: str, turn: StoredTurn | None, done: StoredEvent) -> bool:
+        message = self._messages.get(mid)
+        if message is None or message.status != "running":
+            return False  # deleted with its conversation
+        cid = message.conversation_id
+        if turn is not None and cid in self._conversations:
+            self._turns[cid].append(turn)
+            self._conversations[cid] = self._conversations[cid].model_copy(update={"updated": time.time()})
+        self.end_here(mid, [done])
+        return True
+
+    def end_here(self, mid: str, events: Sequence[StoredEvent]) -> None:
+        message = self._messages.get(mid)
+        if message is None or message.status != "running":
+            return
+        message.end(events)
         if self._running.get(message.conversation_id) == mid:
             del self._running[message.conversation_id]
-        return event.id
 
     async def events(self, mid: str, after: str | None = None) -> AsyncIterator[StoredEvent]:
         message = self._messages.get(mid)
         if message is not None:
             async for event in message.follow(after):
                 yield event
+
+    async def reap(self, mid: str) -> bool:
+        return False  # one process: a turn cannot outlive its runner here
+
+    async def reap_expired(self, skip: Iterable[str] = ()) -> list[str]:
+        return []
 
     async def request_stop(self, mid: str) -> None:
         return None  # one process: the runner that owns the turn is the one that was asked
@@ -278,10 +368,10 @@ class LocalMemory:
         return None
 
 
-def make_memory(redis_url: str | None) -> Memory:
-    """Redis memory when ``redis_url`` is set, else the in-process store."""
+def make_memory(redis_url: str | None, *, lease_s: float = 15.0) -> Memory:
+    """Redis memory when ``redis_url`` is set, else the in-process store (``lease_s``: see the module docstring)."""
     if not redis_url:
-        return LocalMemory()
+        return LocalMemory(lease_s=lease_s)
     from api.redis_memory import RedisMemory
 
-    return RedisMemory(redis_url)
+    return RedisMemory(redis_url, lease_s=lease_s)

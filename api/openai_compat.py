@@ -22,11 +22,12 @@ pointing at each ``[n]`` marker inside ``message.content`` (Python string indice
 
 from __future__ import annotations
 
+import json
 import re
 import time
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
 
 from agent.config import AgentConfig, SearchMode
 from agent.events import Answer, TranscriptMessage, TurnRecord
@@ -67,9 +68,12 @@ class OpenAIError(Exception):
         type_: str = "invalid_request_error",
         param: str | None = None,
         code: str | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
+        """``headers``: sent with the error (e.g. ``Retry-After`` with a 503)."""
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+        self.headers = headers or {}
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
@@ -82,23 +86,99 @@ def error_body(status: int, message: str, code: str | None = None) -> dict:
     return OpenAIError(status, message, type_=type_, code=code).body()
 
 
-class ChatCompletionRequest(BaseModel):
-    """The fields this service reads; the rest are checked against :data:`UNSUPPORTED` or ignored."""
+class _Open(BaseModel):
+    """A request shape whose unknown fields are accepted and ignored, as OpenAI-compatible servers do."""
 
     model_config = ConfigDict(extra="allow")
 
-    model: str
-    messages: list[dict[str, Any]] = Field(min_length=1)
-    stream: bool = False
+
+class TextPart(_Open):
+    type: Literal["text"]
+    text: str
+
+
+class RefusalPart(_Open):
+    """An assistant's refusal in the history (its text is not part of the answer the history keeps)."""
+
+    type: Literal["refusal"]
+    refusal: str
+
+
+class ImageURL(_Open):
+    url: str = Field(description="A data URL (data:image/png;base64,...); other URLs are refused.")
+
+
+class ImagePart(_Open):
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
+class InputAudio(_Open):
+    data: str = Field(description="The clip, base64 (WAV, FLAC, OGG, MP3).")
+    format: str | None = None
+
+
+class AudioPart(_Open):
+    type: Literal["input_audio"]
+    input_audio: InputAudio
+
+
+ContentPart = Annotated[TextPart | ImagePart | AudioPart | RefusalPart, Field(discriminator="type")]
+
+
+def _content_kind(value: Any) -> str | None:
+    return "text" if isinstance(value, str) else "parts" if isinstance(value, list) else None
+
+
+# A string or a list of parts; told apart by type, so an error names the one that applies (not both).
+Content = Annotated[
+    Annotated[str, Tag("text")] | Annotated[list[ContentPart], Tag("parts")],
+    Discriminator(
+        _content_kind,
+        custom_error_type="content_type",
+        custom_error_message="content must be a string, a list of content parts or null",
+    ),
+]
+
+
+class ChatMessage(_Open):
+    role: Literal["system", "developer", "user", "assistant"] = Field(description="Tool roles are not supported.")
+    content: Content | None = None
+
+
+class ChatCompletionRequest(_Open):
+    """The fields this service reads; the rest are checked against :data:`UNSUPPORTED` or ignored."""
+
+    model: str = Field(description="megrez-search, or the engine's model (GET /v1/models).", examples=["megrez-search"])
+    messages: list[ChatMessage] = Field(
+        min_length=1,
+        description="The conversation; the last message, the question, must come from the user.",
+        examples=[[{"role": "user", "content": "Who designed the Eiffel Tower?"}]],
+    )
+    # Strict: a number is not a boolean, nor a boolean a number, as the document says (pydantic would convert).
+    stream: bool = Field(default=False, strict=True)
     stream_options: dict[str, Any] | None = None
-    max_tokens: int | None = Field(default=None, ge=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
-    temperature: float | None = Field(default=None, ge=0, le=2)
-    top_p: float | None = Field(default=None, gt=0, le=1)
-    seed: int | None = None
+    max_tokens: int | None = Field(default=None, ge=1, strict=True)
+    max_completion_tokens: int | None = Field(default=None, ge=1, strict=True)
+    temperature: float | None = Field(default=None, ge=0, le=2, strict=True)
+    top_p: float | None = Field(default=None, gt=0, le=1, strict=True)
+    seed: int | None = Field(default=None, strict=True)
     stop: str | list[str] | None = None
     web_search_options: dict[str, Any] | None = None
     megrez_websearch: Literal["off", "auto", "always"] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data: Any) -> Any:
+        # JSON may escape a lone surrogate (\ud800), which Python's parser accepts but no UTF-8 store, tokenizer
+        # or response can carry: refused here, once for the whole request.
+        try:
+            json.dumps(data, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise ValueError(f"the request holds text that is not valid Unicode ({exc.reason})") from None
+        except (TypeError, ValueError, RecursionError):
+            pass  # not JSON-shaped, or too deep: the field validators say what is wrong with it
+        return data
 
 
 class TurnRequest(BaseModel):
@@ -126,23 +206,19 @@ def read_request(body: ChatCompletionRequest, base: AgentConfig, limits: ApiConf
                 code="unsupported_parameter",
             )
     *earlier, last = body.messages
-    if last.get("role") != "user":
+    if last.role != "user":
         raise OpenAIError(400, "the last message must come from the user", param="messages")
     history, pending = [], None
-    for i, message in enumerate(earlier):
-        role = message.get("role")
-        if role in ("system", "developer"):
-            continue  # the system prompt is the model's protocol (see the module docstring)
-        if role == "user":
-            pending = _text(message, f"messages[{i}]")
-        elif role == "assistant":
+    for message in earlier:
+        if message.role == "user":
+            pending = _text(message)
+        elif message.role == "assistant":
             if pending is not None:
-                answer = _text(message, f"messages[{i}]")
+                answer = _text(message)
                 transcript = [TranscriptMessage(role="assistant", content=answer)]
                 history.append(TurnRecord(question=pending, transcript=transcript, answer=Answer(answer=answer)))
             pending = None
-        else:
-            raise OpenAIError(400, f"messages[{i}]: role {role!r} is not supported (tools are not)", param="messages")
+        # system and developer messages: the system prompt is the model's protocol (see the module docstring)
     question, images, audio = _user_content(last, f"messages[{len(earlier)}]")
     if len(question) > limits.max_message_chars:
         raise OpenAIError(
@@ -153,8 +229,8 @@ def read_request(body: ChatCompletionRequest, base: AgentConfig, limits: ApiConf
         )
     try:
         media = check_media(images, audio, limits, engine)
-    except MediaRejected as exc:
-        raise OpenAIError(400, str(exc), param="messages") from None
+    except MediaRejected as exc:  # it names the item among the question's images or clips
+        raise OpenAIError(400, f"messages[{len(earlier)}]: {exc}", param="messages") from None
     mode: SearchMode = body.megrez_websearch or ("always" if body.web_search_options is not None else "auto")
     update: dict[str, Any] = {"mode": mode}
     if (tokens := body.max_completion_tokens or body.max_tokens) is not None:
@@ -174,37 +250,31 @@ def read_request(body: ChatCompletionRequest, base: AgentConfig, limits: ApiConf
     return TurnRequest(question=question, history=history, media=media, mode=mode, config=config)
 
 
-def _text(message: dict, name: str) -> str:
-    content = message.get("content")
-    if content is None or isinstance(content, str):
-        return content or ""
-    if isinstance(content, list):
-        return "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
-    raise OpenAIError(400, f"{name}.content must be a string or a list of parts", param="messages")
+def _text(message: ChatMessage) -> str:
+    """A history message's text: its text parts joined (earlier media are not sent again)."""
+    if message.content is None or isinstance(message.content, str):
+        return message.content or ""
+    return "".join(part.text for part in message.content if isinstance(part, TextPart))
 
 
-def _user_content(message: dict, name: str) -> tuple[str, list[bytes], list[bytes]]:
-    content = message.get("content")
-    if isinstance(content, str):
-        return content, [], []
-    if not isinstance(content, list):
-        raise OpenAIError(400, f"{name}.content must be a string or a list of parts", param="messages")
+def _user_content(message: ChatMessage, name: str) -> tuple[str, list[bytes], list[bytes]]:
+    """The question's text, images and audio (``name``: the message's place, for errors)."""
+    if message.content is None or isinstance(message.content, str):
+        return message.content or "", [], []
     texts, images, audio = [], [], []
     try:
-        for j, part in enumerate(content):
-            kind = part.get("type") if isinstance(part, dict) else None
+        for j, part in enumerate(message.content):
             where = f"{name}.content[{j}]"
-            if kind == "text":
-                texts.append(str(part.get("text", "")))
-            elif kind == "image_url":
-                url = (part.get("image_url") or {}).get("url", "")
-                if not url.startswith("data:"):
+            if isinstance(part, TextPart):
+                texts.append(part.text)
+            elif isinstance(part, ImagePart):
+                if not part.image_url.url.startswith("data:"):
                     raise OpenAIError(400, f"{where}: only data URLs are accepted for images", param="messages")
-                images.append(decode_base64(url, where))
-            elif kind == "input_audio":
-                audio.append(decode_base64((part.get("input_audio") or {}).get("data", ""), where))
+                images.append(decode_base64(part.image_url.url, where))
+            elif isinstance(part, AudioPart):
+                audio.append(decode_base64(part.input_audio.data, where))
             else:
-                raise OpenAIError(400, f"{where}: part type {kind!r} is not supported", param="messages")
+                raise OpenAIError(400, f"{where}: a {part.type} part cannot be part of a question", param="messages")
     except MediaRejected as exc:
         raise OpenAIError(400, str(exc), param="messages") from None
     return "".join(texts), images, audio

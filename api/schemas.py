@@ -10,7 +10,8 @@ from typing import Literal, Union
 
 from pydantic import BaseModel, Field, TypeAdapter
 
-from agent.events import Answer, Event, MediaRef, TurnRecord
+from agent.events import Answer, ErrorEvent, Event, MediaRef
+from api.memory import StoredTurn
 
 
 class ChatRequest(BaseModel):
@@ -55,18 +56,28 @@ class ConversationSummary(BaseModel):
 
 
 class TurnOut(BaseModel):
+    """A stored turn: ``done``, or ``stopped``/``failed`` with what the user saw before the end (its sources,
+    queries and partial answer) and, when failed, the error."""
+
     message_id: str
-    status: str
+    status: Literal["done", "stopped", "failed"]
     question: str
     media: list[MediaRef] = []  # the question's attachments, by content hash
     answer: Answer
+    error: ErrorEvent | None = None
 
 
 class ConversationOut(ConversationSummary):
     turns: list[TurnOut]
 
     @staticmethod
-    def turn(message_id: str, status: str, record: TurnRecord) -> TurnOut:
+    def turn(stored: StoredTurn) -> TurnOut:
+        record = stored.record
         return TurnOut(
-            message_id=message_id, status=status, question=record.question, media=record.media, answer=record.answer
+            message_id=stored.message_id,
+            status=stored.status,
+            question=record.question,
+            media=record.media,
+            answer=record.answer,
+            error=stored.error,
         )

@@ -22,56 +22,18 @@ import argparse
 import asyncio
 import json
 import os
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import httpx
 
-from scripts.net import RedisServer, free_port
+from scripts.megrez_tokenizer import build_megrez_tokenizer
+from scripts.net import RedisServer
+from scripts.scripted_service import service_process
 
 ANSWER_PIECE = "word "  # counted by its word: the citation processor may hold a trailing space back
 ERRORS: list[str] = []  # transport errors of the client's streams
-
-
-def serve(port: int, redis_port: int, tokens: int, pace_ms: float) -> None:
-    """The server process: the app with a scripted engine and Redis memory."""
-    import uvicorn
-
-    from agent.config import AgentConfig
-    from api.app import create_app
-    from api.config import RateConfig
-    from api.redis_memory import RedisMemory
-    from api.settings import Settings
-    from retrieval.config import FetchConfig, SelectConfig
-    from retrieval.fetch import Fetcher
-    from retrieval.pipeline import Retriever
-    from retrieval.search.chain import SearchChain
-    from scripts.megrez_tokenizer import build_megrez_tokenizer
-    from scripts.scripted_engine import ScriptedEngine
-
-    folder = Path(tempfile.mkdtemp())
-    build_megrez_tokenizer(folder)
-    engine = ScriptedEngine(folder, default=ANSWER_PIECE * tokens + "<|turn_end|>", chunk_chars=len(ANSWER_PIECE))
-    engine.delay_s = pace_ms / 1000
-    engine.requests = _Discard()  # a long run must not keep every request
-    # No rate limit or turn cap: the benchmark is one client opening every stream.
-    settings = Settings(
-        agent=AgentConfig(related=False, answer_tokens=max(64, tokens * 4)),
-        rate=RateConfig(requests="", concurrent_turns=1_000_000),
-    )
-    retriever = Retriever(SearchChain([]), Fetcher(FetchConfig()), SelectConfig())
-    app = create_app(
-        settings, engine=engine, retriever=retriever, memory=RedisMemory(f"redis://127.0.0.1:{redis_port}/0")
-    )
-    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", backlog=4096)
-
-
-class _Discard(list):
-    def append(self, item) -> None:
-        pass
 
 
 async def one_stream(
@@ -193,24 +155,27 @@ async def run_level(url: str, pid: int, streams: int, tokens: int, pace_s: float
 
 
 async def main_async(args: argparse.Namespace) -> None:
-    port = free_port()
     redis = RedisServer(Path(tempfile.mkdtemp())).start()
-    server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "bench.api",
-            "--serve",
-            str(port),
-            "--redis-port",
-            str(redis.port),
-            "--tokens",
-            str(args.tokens),
-            "--pace-ms",
-            str(args.pace_ms),
-        ],
-        env=os.environ | {"PYTHONPATH": str(Path(__file__).resolve().parents[1])},
-    )
+    tokenizer = Path(tempfile.mkdtemp())
+    build_megrez_tokenizer(tokenizer)
+    # The app with the scripted engine and Redis memory; no rate limit or turn cap: the benchmark is one client
+    # opening every stream.
+    server = service_process(
+        redis.url,
+        "--tokenizer",
+        str(tokenizer),
+        "--answer",
+        ANSWER_PIECE * args.tokens + "<|turn_end|>",
+        "--chunk-chars",
+        str(len(ANSWER_PIECE)),
+        "--delay-s",
+        str(args.pace_ms / 1000),
+        "--answer-tokens",
+        str(max(64, args.tokens * 4)),
+        "--concurrent-turns",
+        "1000000",
+    ).start()
+    port = server.port
     try:
         url = f"http://127.0.0.1:{port}"
         async with httpx.AsyncClient(base_url=url) as probe:
@@ -227,8 +192,7 @@ async def main_async(args: argparse.Namespace) -> None:
             for row in await run_level(url, server.pid, n, args.tokens, args.pace_ms / 1000, args.ramp_s)
         ]
     finally:
-        server.terminate()
-        server.wait(10)
+        server.stop()
         redis.stop()
     print(
         f"scripted engine: {args.tokens} pieces per turn, one every {args.pace_ms:g} ms; streams opened over "
@@ -262,13 +226,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=40)
     parser.add_argument("--pace-ms", type=float, default=20.0)
     parser.add_argument("--ramp-s", type=float, default=0.0, help="open the streams evenly over this many seconds")
-    parser.add_argument("--serve", type=int, help=argparse.SUPPRESS)
-    parser.add_argument("--redis-port", type=int, help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.serve:
-        serve(args.serve, args.redis_port, args.tokens, args.pace_ms)
-    else:
-        asyncio.run(main_async(args))
+    asyncio.run(main_async(parser.parse_args()))
 
 
 if __name__ == "__main__":

@@ -139,6 +139,9 @@ class Engine(abc.ABC):
     """
 
     backend: str
+    # Whether a failed start may succeed later with nothing changed here (a remote server that is not up
+    # yet), so the service keeps retrying it; a failed local load is configuration, and is not retried.
+    start_retryable: bool = False
 
     @property
     @abc.abstractmethod

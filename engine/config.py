@@ -63,11 +63,31 @@ class EngineConfig(BaseModel):
     openai_model: str | None = Field(
         default=None, description="Served model name; unset = the server's only (or first) model."
     )
-    connect_timeout_s: float = Field(default=5.0, gt=0, description="Connecting to the server.")
+    connect_timeout_s: float = Field(
+        default=5.0,
+        gt=0,
+        description="Connecting to the server; also each phase of the quick exchanges (the model list at "
+        "start, health probes).",
+    )
     request_timeout_s: float = Field(
         default=120.0, gt=0, description="Longest wait for the server's next bytes (first token included)."
     )
     retries: int = Field(
-        default=2, ge=0, description="Extra attempts on connection errors, only before any byte came back."
+        default=2,
+        ge=0,
+        description="Extra attempts on transport errors (refused, reset, timed out) and HTTP 502/503/504, "
+        "only while nothing was generated yet (a retry then cannot duplicate output).",
     )
     retry_backoff_s: float = Field(default=0.5, ge=0, description="First retry delay; doubles each attempt.")
+    health_interval_s: float = Field(
+        default=5.0,
+        gt=0,
+        description="How often the running engine's health is probed; /readyz, /chat and /v1 answer 503 "
+        "while the last probe failed.",
+    )
+    start_retry_max_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="Longest wait between attempts to start a remote engine (retried forever, from "
+        "retry_backoff_s doubling); the embedded vLLM engine is not retried.",
+    )

@@ -9,11 +9,22 @@ Tokenizer: loaded locally from ``config.tokenizer`` / ``config.model`` when thos
 machine (a folder, or a hub id already in the local cache; never downloaded). Without it,
 ``tokenizer`` is ``None``, the default stop tokens go as stop *strings*, and :meth:`tokenize` (so
 :meth:`count_tokens`) asks the server's ``/tokenize`` endpoint (one HTTP round trip per call).
+
+Failures: every transport failure (refused, reset, a peer that closed mid-body, a timeout) and a
+502/503/504 from a proxy in front of the server is :class:`EngineUnavailable`, never a raw httpx
+exception. It is retried (``retries``, backoff from ``retry_backoff_s`` doubling) while nothing was
+generated yet: the request could not be sent, or the stream broke off before its first delta was
+yielded. Once a delta went out a retry would repeat it, so the stream fails instead. Messages name
+the server and what happened, also for httpx's timeouts, whose own text is empty ("no data from
+http://… for 120 s (ReadTimeout)"). :meth:`health` is one quick attempt (``connect_timeout_s`` for
+every phase), for a periodic probe.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import itertools
 import json
 import logging
 from collections.abc import AsyncIterator
@@ -38,8 +49,32 @@ from engine.config import EngineConfig
 
 log = logging.getLogger(__name__)
 
-# Failures that happen before the server has sent anything back, so a retry cannot duplicate output.
-_RETRYABLE = (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError)
+# A proxy in front of the server answers these while the server is down or restarting.
+_UNAVAILABLE_STATUS = frozenset({502, 503, 504})
+# httpx's timeouts carry no text: what each one means, with the timeout it ran out of.
+_TIMEOUTS: dict[type[httpx.TimeoutException], tuple[str, str]] = {
+    httpx.ConnectTimeout: ("connect", "no connection to {root} within {s:g} s"),
+    httpx.ReadTimeout: ("read", "no data from {root} for {s:g} s"),
+    httpx.WriteTimeout: ("write", "could not send to {root} within {s:g} s"),
+    httpx.PoolTimeout: ("pool", "no free connection to {root} within {s:g} s"),
+}
+
+
+class _Unavailable(Exception):
+    """One attempt failed in a way another attempt may not (a transport failure, a 502/503/504)."""
+
+
+def describe_transport_error(exc: httpx.TransportError, root: str) -> str:
+    """What went wrong, for the operator: never empty (httpx timeouts have no message of their own)."""
+    name = type(exc).__name__
+    for kind, (phase, text) in _TIMEOUTS.items():
+        if isinstance(exc, kind):
+            try:
+                seconds = exc.request.extensions["timeout"][phase]
+            except (RuntimeError, KeyError, TypeError):  # no request attached: say what we know
+                return f"{text.split(' {s')[0].format(root=root)} ({name})"
+            return f"{text.format(root=root, s=seconds)} ({name})"
+    return f"{root}: {str(exc) or 'the connection failed'} ({name})"
 
 
 def server_root(base_url: str) -> str:
@@ -49,7 +84,17 @@ def server_root(base_url: str) -> str:
 
 
 class OpenAIEngine(Engine):
+    """A remote completions server.
+
+    Example::
+
+        async with OpenAIEngine(EngineConfig(backend="openai", openai_base_url="http://gpu:8000")) as engine:
+            async for delta in engine.stream(prompt, Sampling(max_tokens=64), request_id="r1"):
+                print(delta.text, end="")
+    """
+
     backend = "openai"
+    start_retryable = True  # the server may simply not be up yet
 
     def __init__(self, config: EngineConfig, *, transport: httpx.AsyncBaseTransport | None = None) -> None:
         self.config = config
@@ -62,6 +107,7 @@ class OpenAIEngine(Engine):
         self._stop_ids: tuple[int, ...] = ()
         self._stop_strings: tuple[str, ...] = ()
         self._responses: dict[str, httpx.Response] = {}
+        self._streaming: set[str] = set()
         self._aborted: set[str] = set()
 
     @property
@@ -92,10 +138,14 @@ class OpenAIEngine(Engine):
             base_url=self.root,
             headers=headers,
             timeout=httpx.Timeout(c.request_timeout_s, connect=c.connect_timeout_s),
+            # One connection per streaming request: httpx's default cap of 100 would queue the 101st concurrent
+            # turn behind the others (and fail it after the timeout), far below what one GPU serves at once.
+            limits=httpx.Limits(max_connections=None, max_keepalive_connections=100),
             transport=self._transport,
         )
         try:
-            served = {m["id"]: m for m in await self.served_models()}
+            # A quick exchange: a black hole at the server's address fails the start in seconds, not minutes.
+            served = {m["id"]: m for m in await self.served_models(timeout=c.connect_timeout_s)}
             if not self._model and served:
                 self._model = next(iter(served))
             if self._model not in served:
@@ -127,39 +177,57 @@ class OpenAIEngine(Engine):
         if client is not None:
             await client.aclose()
 
-    async def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
-        """One HTTP exchange with retries on connection errors; the response is left unread (streaming)."""
-        c = self.config
-        request = self.client.build_request(method, path, **kwargs)
-        for attempt in range(c.retries + 1):
-            try:
-                return await self.client.send(request, stream=True)
-            except _RETRYABLE as exc:
-                if attempt == c.retries:
-                    raise EngineUnavailable(
-                        f"cannot reach the OpenAI-compatible server at {self.root} "
-                        f"({type(exc).__name__}: {exc}; {attempt + 1} attempts)"
-                    ) from exc
-                delay = c.retry_backoff_s * 2**attempt
-                log.warning("%s %s%s failed (%s); retrying in %.1f s", method, self.root, path, exc, delay)
-                await asyncio.sleep(delay)
-            except httpx.TimeoutException as exc:
-                raise EngineUnavailable(f"the server at {self.root} timed out ({type(exc).__name__})") from exc
-        raise AssertionError("unreachable")
+    async def _send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        """One attempt; the response is left unread (streaming). Raises :class:`_Unavailable` for what a
+        retry may fix."""
+        try:
+            response = await self.client.send(self.client.build_request(method, path, **kwargs), stream=True)
+        except httpx.TransportError as exc:
+            raise _Unavailable(describe_transport_error(exc, self.root)) from exc
+        if response.status_code in _UNAVAILABLE_STATUS:
+            await self._read(response)
+            raise _Unavailable(f"{method} {self.root}{path}: HTTP {response.status_code}: {_error_message(response)}")
+        return response
 
-    async def _json(self, method: str, path: str, **kwargs: Any) -> Any:
-        response = await self._request(method, path, **kwargs)
+    async def _read(self, response: httpx.Response) -> None:
         try:
             await response.aread()
+        except httpx.TransportError as exc:
+            raise _Unavailable(f"reading the answer broke off: {describe_transport_error(exc, self.root)}") from exc
         finally:
             await response.aclose()
+
+    async def _wait_before_retry(self, attempt: int, what: str, failure: _Unavailable) -> None:
+        """Back off before attempt ``attempt + 1``; after the last attempt, raise :class:`EngineUnavailable`."""
+        c = self.config
+        if attempt > c.retries:
+            attempts = f"{attempt} attempt{'s' if attempt > 1 else ''}"
+            raise EngineUnavailable(f"cannot reach the model server: {failure} ({what}, {attempts})") from failure
+        delay = c.retry_backoff_s * 2 ** (attempt - 1)
+        log.warning("%s failed (%s); retrying in %.2f s", what, failure, delay)
+        await asyncio.sleep(delay)
+
+    async def _json(self, method: str, path: str, **kwargs: Any) -> Any:
+        """A small JSON exchange (models, tokenize), retried on transport failures: it generates nothing."""
+        for attempt in itertools.count(1):
+            try:
+                response = await self._send(method, path, **kwargs)
+                await self._read(response)
+                break
+            except _Unavailable as failure:
+                await self._wait_before_retry(attempt, f"{method} {path}", failure)
         if response.is_error:
             raise EngineError(f"{method} {self.root}{path}: HTTP {response.status_code}: {_error_message(response)}")
-        return response.json()
+        try:
+            return response.json()
+        except ValueError as exc:
+            raise EngineError(f"{method} {self.root}{path}: the answer is not JSON ({exc})") from exc
 
-    async def served_models(self) -> list[dict[str, Any]]:
-        """The server's ``/v1/models`` entries (``id``, and ``max_model_len`` from vLLM)."""
-        return list((await self._json("GET", "/v1/models"))["data"])
+    async def served_models(self, *, timeout: float | None = None) -> list[dict[str, Any]]:
+        """The server's ``/v1/models`` entries (``id``, and ``max_model_len`` from vLLM); ``timeout``: seconds for
+        each phase of the exchange, if not the configured ones."""
+        extra = {} if timeout is None else {"timeout": timeout}
+        return list((await self._json("GET", "/v1/models", **extra))["data"])
 
     def request_body(self, prompt: Prompt, sampling: Sampling, request_id: str) -> dict[str, Any]:
         """The completions request for our :class:`Sampling` (vLLM's extra fields included)."""
@@ -206,21 +274,48 @@ class OpenAIEngine(Engine):
         if multimodal:
             raise EngineError("the OpenAI completions API takes no images or audio; use the vllm backend")
         body = self.request_body(prompt, sampling, request_id)
-        response = await self._request("POST", "/v1/completions", json=body)
+        self._streaming.add(request_id)
+        try:
+            for attempt in itertools.count(1):
+                if request_id in self._aborted:  # aborted while waiting to retry
+                    yield Delta(text="", finish_reason="abort")
+                    return
+                yielded = False
+                try:
+                    async with contextlib.aclosing(self._stream_once(body, request_id)) as deltas:
+                        async for delta in deltas:
+                            yielded = True
+                            yield delta
+                    return
+                except _Unavailable as failure:
+                    if yielded:  # output went out already: a retry would repeat it
+                        raise EngineUnavailable(f"the stream from the model server broke off: {failure}") from failure
+                    await self._wait_before_retry(attempt, "POST /v1/completions", failure)
+        finally:
+            self._streaming.discard(request_id)
+            self._aborted.discard(request_id)
+
+    async def _stream_once(self, body: dict[str, Any], request_id: str) -> AsyncIterator[Delta]:
+        response = await self._send("POST", "/v1/completions", json=body)
         self._responses[request_id] = response
         try:
+            if request_id in self._aborted:  # aborted while the request was being sent
+                yield Delta(text="", finish_reason="abort")
+                return
             if response.is_error:
                 await response.aread()
                 await self._raise_for_status(response)
             async for delta in self._parse(response):
                 yield delta
-        except (httpx.HTTPError, httpx.StreamError) as exc:
-            if request_id not in self._aborted:
-                raise EngineUnavailable(f"stream from {self.root} broke off: {type(exc).__name__}: {exc}") from exc
-            yield Delta(text="", finish_reason="abort")
+        except (httpx.TransportError, httpx.StreamError) as exc:
+            if request_id in self._aborted:  # abort() closed the response under us
+                yield Delta(text="", finish_reason="abort")
+                return
+            if isinstance(exc, httpx.StreamError):
+                raise EngineUnavailable(f"the stream from {self.root} was closed ({type(exc).__name__})") from exc
+            raise _Unavailable(describe_transport_error(exc, self.root)) from exc
         finally:
             self._responses.pop(request_id, None)
-            self._aborted.discard(request_id)
             await response.aclose()  # closing the connection makes vLLM abort the request
 
     async def _parse(self, response: httpx.Response) -> AsyncIterator[Delta]:
@@ -234,7 +329,10 @@ class OpenAIEngine(Engine):
             data = line[5:].strip()
             if data == "[DONE]":
                 break
-            chunk = json.loads(data)
+            try:
+                chunk = json.loads(data)
+            except ValueError as exc:
+                raise EngineError(f"the model server at {self.root} sent a malformed event ({exc})") from exc
             if "error" in chunk:
                 raise EngineError(f"server error: {chunk['error'].get('message', chunk['error'])}")
             usage = chunk.get("usage") or {}
@@ -259,9 +357,11 @@ class OpenAIEngine(Engine):
         raise EngineError(f"POST {self.root}/v1/completions: HTTP {response.status_code}: {message}")
 
     async def abort(self, request_id: str) -> None:
+        if request_id not in self._streaming:
+            return
+        self._aborted.add(request_id)
         response = self._responses.get(request_id)
         if response is not None:
-            self._aborted.add(request_id)
             await response.aclose()
 
     async def tokenize(self, text: str) -> list[int]:
@@ -273,15 +373,20 @@ class OpenAIEngine(Engine):
         return [int(t) for t in result["tokens"]]
 
     async def health(self) -> Health:
+        """One ``GET /health`` bounded by ``connect_timeout_s`` (no retries: a probe runs again soon)."""
+
+        def down(detail: str) -> Health:
+            return Health(ok=False, backend=self.backend, model=self._model, detail=detail)
+
+        if self._client is None:
+            return down("not started")
         try:
-            response = await self._request("GET", "/health")
-            await response.aclose()
-        except EngineError as exc:
-            return Health(ok=False, backend=self.backend, model=self._model, detail=str(exc))
-        ok = response.status_code == 200
-        return Health(
-            ok=ok, backend=self.backend, model=self._model, detail="" if ok else f"HTTP {response.status_code}"
-        )
+            response = await self._client.get("/health", timeout=self.config.connect_timeout_s)
+        except httpx.TransportError as exc:
+            return down(describe_transport_error(exc, self.root))
+        if response.status_code != 200:
+            return down(f"GET {self.root}/health: HTTP {response.status_code}")
+        return Health(ok=True, backend=self.backend, model=self._model)
 
 
 def _delta(choice: dict[str, Any], prompt_tokens: int | None, cached: int | None) -> Delta:

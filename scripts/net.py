@@ -16,39 +16,108 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class RedisServer:
-    """A redis-server of our own on 127.0.0.1 (never the machine's shared one on 6379).
+class ChildServer:
+    """A server in a child process, listening on 127.0.0.1 at a port that stays its own across restarts:
+    start it, SIGKILL it as a crash would, start it again on the same port.
 
-    ``persist=True`` turns on the append-only file in ``workdir``, so a restart keeps the data.
+    Example::
+
+        server = ChildServer([sys.executable, "-m", "scripts.scripted_service", "--port", "{port}", ...]).start()
+        server.kill()
+        server.start()
+        server.stop()
     """
 
-    def __init__(self, workdir: Path, *, port: int | None = None, persist: bool = False) -> None:
-        self.workdir, self.port, self.persist = workdir, port or free_port(), persist
+    def __init__(
+        self,
+        command: list[str],
+        *,
+        port: int | None = None,
+        env: dict[str, str] | None = None,
+        log: Path | None = None,
+    ) -> None:
+        """``command``: ``"{port}"`` in it is replaced by the port; ``env``: added to this process's; ``log``: a
+        file its standard error is appended to (default: this process's)."""
+        self.port = port or free_port()
+        self.command = [part.replace("{port}", str(self.port)) for part in command]
+        self.env = env or {}
+        self.log = log
         self.proc: subprocess.Popen | None = None
 
     @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
 
-    def start(self) -> RedisServer:
-        exe = shutil.which("redis-server")
-        if exe is None:
-            raise RuntimeError("redis-server is not installed (make test installs it; apt-get install redis-server)")
-        args = [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--dir", str(self.workdir)]
-        args += ["--appendonly", "yes", "--appendfsync", "always"] if self.persist else ["--appendonly", "no"]
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
+    def start(self, *, timeout_s: float = 60.0) -> ChildServer:
+        """Start it and wait until it accepts connections (``RuntimeError`` if it exits or never listens)."""
+        import os
+
+        self.stop()
+        repo = str(Path(__file__).resolve().parents[1])
+        env = os.environ | {"PYTHONPATH": os.pathsep.join(filter(None, (repo, os.environ.get("PYTHONPATH"))))}
+        stderr = open(self.log, "ab") if self.log is not None else None  # noqa: SIM115 (the child keeps it)
+        try:
+            self.proc = subprocess.Popen(
+                self.command, cwd=repo, env=env | self.env, stdout=subprocess.DEVNULL, stderr=stderr
+            )
+        finally:
+            if stderr is not None:
+                stderr.close()
+        deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                code, self.proc = self.proc.returncode, None
+                raise RuntimeError(f"{self.command[:4]} exited with {code}")
             try:
                 socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
                 return self
             except OSError:
                 time.sleep(0.05)
         self.stop()
-        raise RuntimeError("redis-server did not start")
+        raise RuntimeError(f"{self.command[:4]} did not listen on {self.port} within {timeout_s:g} s")
 
-    def stop(self) -> None:
+    def kill(self) -> None:
+        """SIGKILL: no goodbye to open connections, as when the machine or the process dies."""
         if self.proc is not None:
-            self.proc.terminate()
+            self.proc.kill()
             self.proc.wait(timeout=10)
             self.proc = None
+
+    def stop(self) -> None:
+        """SIGTERM, then SIGKILL if it has not exited within 10 s."""
+        if self.proc is not None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+            self.proc = None
+
+
+class RedisServer(ChildServer):
+    """A redis-server of our own on 127.0.0.1 (never the machine's shared one on 6379).
+
+    ``persist=True`` turns on the append-only file in ``workdir`` (fsync on every write), so a restart —
+    even after :meth:`kill` — keeps the data.
+    """
+
+    def __init__(self, workdir: Path, *, port: int | None = None, persist: bool = False) -> None:
+        exe = shutil.which("redis-server") or "redis-server"
+        args = [exe, "--port", "{port}", "--bind", "127.0.0.1", "--save", "", "--dir", str(workdir)]
+        args += ["--appendonly", "yes", "--appendfsync", "always"] if persist else ["--appendonly", "no"]
+        super().__init__(args, port=port)
+        self.workdir, self.persist = workdir, persist
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self, *, timeout_s: float = 10.0) -> RedisServer:
+        if shutil.which("redis-server") is None:
+            raise RuntimeError("redis-server is not installed (make test installs it; apt-get install redis-server)")
+        try:
+            super().start(timeout_s=timeout_s)
+        except RuntimeError as exc:
+            raise RuntimeError(f"redis-server did not start: {exc}") from None
+        return self

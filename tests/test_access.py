@@ -160,3 +160,22 @@ async def test_log_lines_carry_the_message_id(tokenizer_dir, corpus_backend):
     dropped = [r for r in records if r["logger"] == "agent.citations"]
     assert dropped and all(r["message_id"] == mid for r in dropped)
     assert {"time", "level", "message"} <= set(dropped[0])
+
+
+@pytest.mark.parametrize("keys", [False, True])
+async def test_engine_error_details_reach_key_holders_only(tokenizer_dir, corpus_backend, keys):
+    from engine.base import EngineUnavailable
+
+    down = EngineUnavailable("cannot reach http://10.0.0.5:8000 (ConnectError)")
+    settings = keyed() if keys else Settings(agent=AgentConfig(related=False))
+    app, _ = app_with(tokenizer_dir, corpus_backend, LocalMemory(), down, down, settings=settings)
+    headers = as_(ALICE) if keys else {}
+    async with client_for(app) as client:
+        streamed = await client.post(
+            "/chat?websearch=off", json={"message": "q"}, headers=headers | {"Accept": "text/event-stream"}
+        )
+        [error] = [json.loads(f["data"]) for f in parse_sse(streamed.text) if f["event"] == "error"]
+        answered = (await client.post("/chat?websearch=off", json={"message": "q"}, headers=headers)).json()
+    for event in (error, answered["error"]):
+        assert event["code"] == "engine_unavailable" and "10.0.0.5" not in event["message"]
+        assert ("10.0.0.5" in (event.get("detail") or "")) is keys  # a visitor of a keyless service sees none

@@ -14,7 +14,7 @@ from agent.events import (
     SourcesEvent,
     TokenEvent,
 )
-from engine.base import EngineUnavailable
+from engine.base import EngineError, EngineUnavailable
 from engine.protocol import (
     FORCED_SEARCH_PREFIX,
     FORCED_SEARCH_REGEX,
@@ -254,7 +254,9 @@ async def test_question_too_long_is_refused_before_the_engine(tokenizer_dir, cor
 async def test_engine_unavailable_ends_with_an_error_event(tokenizer_dir, corpus_backend):
     eng = engine(tokenizer_dir, EngineUnavailable("cannot reach http://127.0.0.1:9"))
     error = final(await collect(make_agent(eng, make_retriever(corpus_backend)).run(QUESTION)))
-    assert isinstance(error, ErrorEvent) and error.code == "engine_unavailable" and "127.0.0.1:9" in error.message
+    assert isinstance(error, ErrorEvent) and error.code == "engine_unavailable"
+    # A plain sentence for anyone; the address and the engine's words only in the operator's detail.
+    assert "127.0.0.1" not in error.message and "127.0.0.1:9" in error.detail
 
 
 async def test_empty_model_output_gets_a_fallback_message(tokenizer_dir, corpus_backend):
@@ -403,6 +405,40 @@ async def test_a_call_the_engine_could_not_ban_is_ignored(tokenizer_dir, corpus_
     assert turn.record.transcript[0].function_call is None
 
 
+async def test_a_call_with_nothing_before_it_is_asked_again_without_the_tool(tokenizer_dir, corpus_backend):
+    """A remote server without a local tokenizer whose /tokenize cannot give the call token's id: the last
+    generation cannot ban it; a model that calls anyway still ends the turn with an answer."""
+
+    class NoTokenizerNoId(ScriptedEngine):
+        @property
+        def tokenizer(self):
+            return None
+
+        async def tokenize(self, text):
+            return [1, 2] if text == "<|function_start|>" else await super().tokenize(text)
+
+    answer_text = "Gustave Eiffel's company built it [citation:1].<|turn_end|>"
+    eng = NoTokenizerNoId(tokenizer_dir, [call("Eiffel Tower"), call("Eiffel Tower again"), answer_text])
+    turn = make_agent(eng, make_retriever(corpus_backend), max_rounds=1, related=False).run(QUESTION)
+    answer = final(await collect(turn)).answer
+    assert [r.sampling.logit_bias for r in eng.requests] == [{}, {}, {}]  # no id: nothing could be banned
+    systems = [eng.messages(r)[0] for r in eng.requests]
+    assert systems[1] == ("system", system_prompt(NOW, search=True))
+    assert systems[2] == ("system", system_prompt(NOW, search=False))  # the retry: the tool left out
+    assert [m[0] for m in eng.messages(eng.requests[2])[1:-1]] == ["user", "assistant", "observation"]
+    assert answer.answer == "Gustave Eiffel's company built it [1]." and answer.rounds == 1
+    assert any("asked again without the tool" in note for note in answer.notes)
+    assert [m.role for m in turn.record.transcript] == ["assistant", "observation", "assistant"]
+
+
+async def test_engine_failures_log_their_detail(tokenizer_dir, corpus_backend, caplog):
+    eng = engine(tokenizer_dir, EngineError("invalid prompt: http://10.0.0.7:8000 said no"))
+    with caplog.at_level("WARNING", logger="agent.graph"):
+        error = final(await collect(make_agent(eng, make_retriever(corpus_backend)).run(QUESTION)))
+    assert error.code == "engine_error" and "10.0.0.7" not in error.message and "10.0.0.7" in error.detail
+    assert any("10.0.0.7" in r.getMessage() for r in caplog.records)
+
+
 class BlockedResults:
     """Results whose pages cannot be fetched (private addresses: the SSRF guard refuses them)."""
 
@@ -455,4 +491,4 @@ async def test_an_engine_down_before_the_first_generation_ends_with_an_error_eve
             raise EngineUnavailable("cannot reach http://gpu-host:8000")
 
     error = final(await collect(make_agent(Down(tokenizer_dir), make_retriever(corpus_backend)).run(QUESTION)))
-    assert error.code == "engine_unavailable" and "gpu-host" in error.message
+    assert error.code == "engine_unavailable" and "gpu-host" not in error.message and "gpu-host" in error.detail

@@ -343,7 +343,8 @@ async def test_openapi_documents_the_stream_events(tokenizer_dir, corpus_backend
     assert {"MetaEvent", "TokenEvent", "SourcesEvent", "AnswerEvent", "DoneEvent", "PageEvent"} <= set(components)
     for path, method in (("/chat", "post"), ("/chat/{message_id}/events", "get")):
         content = schema["paths"][path][method]["responses"]["200"]["content"]
-        assert content["text/event-stream"]["schema"] == {"$ref": "#/components/schemas/StreamEvent"}
+        frame = content["text/event-stream"]["schema"]  # an SSE frame whose data is one of the events
+        assert frame["properties"]["data"]["contentSchema"] == {"$ref": "#/components/schemas/StreamEvent"}
     assert "multipart/form-data" in schema["paths"]["/chat"]["post"]["requestBody"]["content"]
 
 

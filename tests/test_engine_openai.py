@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -212,3 +213,122 @@ async def test_multimodal_is_refused(remote: OpenAIEngine) -> None:
     with pytest.raises(EngineError, match="no images or audio"):
         async for _ in remote.stream(PROMPT, Sampling(), request_id=rid(), multimodal={"image": []}):
             pass
+
+
+# --- transport failures, on a mock transport (no server): what is retried, what is said --------------------------
+
+
+def sse(*texts: str) -> list[bytes]:
+    """vLLM's completion chunks for ``texts`` (the last one finishes), the usage chunk and [DONE]."""
+    chunks = []
+    for i, text in enumerate(texts):
+        finish = "stop" if i == len(texts) - 1 else None
+        choice = {"index": 0, "text": text, "token_ids": [i], "finish_reason": finish, "stop_reason": None}
+        chunks.append({"choices": [choice], "usage": {"prompt_tokens": 5, "completion_tokens": i + 1}})
+    chunks.append({"choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": len(texts)}})
+    return [f"data: {json.dumps(c)}\n\n".encode() for c in chunks] + [b"data: [DONE]\n\n"]
+
+
+class Body(httpx.AsyncByteStream):
+    """A response body that sends ``parts`` and then raises ``error`` (None: ends normally)."""
+
+    def __init__(self, parts: list[bytes], error: Exception | None = None) -> None:
+        self.parts, self.error = parts, error
+
+    async def __aiter__(self):
+        for part in self.parts:
+            yield part
+        if self.error is not None:
+            raise self.error
+
+
+class MockServer(httpx.AsyncBaseTransport):
+    """A vLLM-shaped server; ``completions``: what each POST /v1/completions gets, in order (an exception
+    to raise at send, or a function of the request returning the response)."""
+
+    def __init__(self, *completions) -> None:
+        self.completions = list(completions)
+        self.calls: list[str] = []
+        self.models_failures = 0
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        self.calls.append(request.url.path)
+        if request.url.path == "/v1/models":
+            if self.models_failures:
+                self.models_failures -= 1
+                raise httpx.ReadError("Connection reset by peer", request=request)
+            return httpx.Response(200, json={"data": [{"id": SERVED, "max_model_len": 2048}]})
+        if request.url.path == "/health":
+            return httpx.Response(200)
+        action = (
+            self.completions.pop(0) if self.completions else (lambda r: httpx.Response(200, stream=Body(sse("OK"))))
+        )
+        if isinstance(action, Exception):
+            raise action
+        return action(request)
+
+
+def mock_engine(server: MockServer, **overrides: object) -> OpenAIEngine:
+    return OpenAIEngine(remote_config("http://model:8000", **({"retries": 2} | overrides)), transport=server)
+
+
+def broken(parts: list[bytes], error_type: type[httpx.TransportError]):
+    return lambda request: httpx.Response(200, stream=Body(parts, error_type("peer closed", request=request)))
+
+
+async def test_transport_failures_before_the_first_delta_are_retried() -> None:
+    reset = httpx.ReadError("Connection reset by peer")
+    server = MockServer(reset, broken([], httpx.RemoteProtocolError), broken([], httpx.ReadError))
+    async with mock_engine(server, retries=3) as engine:
+        deltas = await collect(engine, PROMPT, Sampling(max_tokens=3))
+    assert "".join(d.text for d in deltas) == "OK" and deltas[-1].finish_reason == "stop"
+    assert server.calls.count("/v1/completions") == 4  # a reset at send, two bodies broken before any chunk, then OK
+
+
+async def test_a_stream_broken_after_output_is_not_retried() -> None:
+    server = MockServer(broken(sse("Hel", "lo")[:1], httpx.RemoteProtocolError))
+    deltas: list[Delta] = []
+    async with mock_engine(server) as engine:
+        with pytest.raises(EngineUnavailable, match=r"broke off: .*peer closed \(RemoteProtocolError\)"):
+            async for delta in engine.stream(PROMPT, Sampling(), request_id=rid()):
+                deltas.append(delta)
+    assert [d.text for d in deltas] == ["Hel"]  # what went out, once: no retry could repeat it
+    assert server.calls.count("/v1/completions") == 1
+
+
+async def test_every_transport_failure_is_engine_unavailable_with_a_message() -> None:
+    def timeout(request: httpx.Request) -> httpx.Response:
+        raise httpx.ReadTimeout("", request=request)  # httpx's own timeouts carry no text
+
+    failures = [httpx.ConnectError("refused"), httpx.WriteError("broken pipe"), timeout]
+    server = MockServer(*failures)
+    async with mock_engine(server, request_timeout_s=7) as engine:
+        with pytest.raises(EngineUnavailable) as info:
+            await collect(engine, PROMPT, Sampling())
+    message = str(info.value)
+    assert "no data from http://model:8000 for 7 s (ReadTimeout)" in message and "3 attempts" in message
+
+
+async def test_models_are_retried_and_health_is_one_quick_attempt() -> None:
+    server = MockServer()
+    server.models_failures = 2
+    async with mock_engine(server) as engine:
+        assert server.calls == ["/v1/models"] * 3
+        assert (await engine.health()).ok
+
+        def down(request: httpx.Request) -> httpx.Response:
+            raise httpx.ConnectError("All connection attempts failed", request=request)
+
+        engine.client._transport = httpx.MockTransport(down)  # the server went away after the start
+        health = await engine.health()
+    assert not health.ok and "All connection attempts failed (ConnectError)" in health.detail
+
+
+async def test_a_proxy_answering_503_is_retried_then_unavailable() -> None:
+    def busy(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(503, json={"error": {"message": "no upstream"}})
+
+    server = MockServer(busy, busy, busy)
+    async with mock_engine(server) as engine:
+        with pytest.raises(EngineUnavailable, match=r"HTTP 503: no upstream.*3 attempts"):
+            await collect(engine, PROMPT, Sampling())

@@ -7,8 +7,21 @@ import json
 
 import pytest
 
-from agent.events import Answer, TranscriptMessage, TurnRecord
-from api.memory import DONE, ConversationBusy, LocalMemory, StoredTurn, StoreUnavailable, title_of
+from agent.events import Answer, ErrorEvent, MediaRef, TranscriptMessage, TurnRecord
+from api.memory import (
+    DONE,
+    ConversationBusy,
+    ConversationGone,
+    EventIds,
+    LocalMemory,
+    MessageStart,
+    StoredEvent,
+    StoredTurn,
+    StoreUnavailable,
+    done_data,
+    event_id_key,
+    title_of,
+)
 from api.redis_memory import RedisMemory
 from scripts.net import free_port
 
@@ -20,21 +33,42 @@ async def memory(request, redis_url):
     await store.aclose()
 
 
-def turn(question: str, answer: str = "ok") -> StoredTurn:
+def turn(mid: str, question: str, answer: str = "ok", status: str = "done") -> StoredTurn:
     record = TurnRecord(
         question=question,
         transcript=[TranscriptMessage(role="assistant", content=answer)],
         answer=Answer(answer=answer),
     )
-    return StoredTurn(message_id=f"m-{question}", record=record)
+    return StoredTurn(message_id=mid, record=record, status=status)
+
+
+class Writer:
+    """A turn's writes, as the runner makes them: numbered events, then the end."""
+
+    def __init__(self, memory, mid: str) -> None:
+        self.memory, self.mid, self.ids = memory, mid, EventIds()
+
+    async def events(self, *pairs: tuple[str, str]) -> list[str]:
+        stored = [StoredEvent(self.ids.next(), t, d) for t, d in pairs]
+        await self.memory.append_events(self.mid, stored)
+        return [e.id for e in stored]
+
+    async def finish(self, stored: StoredTurn | None, status: str = "done") -> tuple[bool, str]:
+        done = StoredEvent(self.ids.next(), DONE, done_data(status))
+        return await self.memory.finish_message(self.mid, stored, done), done.id
+
+
+async def start(memory, cid: str, mid: str, question: str = "q", owner: str = "anonymous") -> Writer:
+    await memory.start_message(mid, MessageStart(cid, owner, question))
+    return Writer(memory, mid)
 
 
 async def test_conversations_round_trip_newest_first(memory):
     first = await memory.create_conversation("What is  the\nEiffel Tower?")
     second = await memory.create_conversation("x" * 300)
     assert first.title == "What is the Eiffel Tower?" and second.title.endswith("…") and len(second.title) <= 81
-    await memory.add_turn(first.id, turn("What is the Eiffel Tower?"))
-    await memory.add_turn(first.id, turn("How tall is it?", "330 m"))
+    await (await start(memory, first.id, "a")).finish(turn("a", "What is the Eiffel Tower?"))
+    await (await start(memory, first.id, "b")).finish(turn("b", "How tall is it?", "330 m"))
     listed = [c.id for c in await memory.list_conversations()]
     assert listed.index(first.id) < listed.index(second.id)  # the updated one comes first
     turns = await memory.turns(first.id)
@@ -44,14 +78,15 @@ async def test_conversations_round_trip_newest_first(memory):
     assert await memory.delete_conversation(first.id)
     assert await memory.get_conversation(first.id) is None and await memory.turns(first.id) == []
     assert first.id not in [c.id for c in await memory.list_conversations()]
+    assert await memory.message_status("a") is None  # its message streams went with it
     assert not await memory.delete_conversation(first.id)
 
 
 async def test_event_stream_replays_resumes_and_follows_live(memory):
     conv = await memory.create_conversation("q")
-    await memory.start_message(conv.id, "m1")
+    writer = await start(memory, conv.id, "m1")
     assert await memory.message_status("m1") == (conv.id, "running")
-    ids = await memory.append_events("m1", [("token", json.dumps({"text": str(i)})) for i in range(3)])
+    ids = await writer.events(*[("token", json.dumps({"text": str(i)})) for i in range(3)])
     assert len(ids) == 3
 
     async def read(after=None):
@@ -60,15 +95,16 @@ async def test_event_stream_replays_resumes_and_follows_live(memory):
     follower = asyncio.create_task(read())
     await asyncio.sleep(0.05)
     assert not follower.done()  # still running: the reader waits for more
-    [late] = await memory.append_events("m1", [("token", json.dumps({"text": "3"}))])
-    done = await memory.end_message("m1", "done")
+    [late] = await writer.events(("token", json.dumps({"text": "3"})))
+    finished, done = await writer.finish(turn("m1", "q"))
     events = await asyncio.wait_for(follower, 5)
-    assert [e.id for e in events] == [*ids, late, done]
+    assert finished and [e.id for e in events] == [*ids, late, done]
     assert [json.loads(e.data).get("text") for e in events[:4]] == ["0", "1", "2", "3"]
     assert events[-1].type == DONE and json.loads(events[-1].data) == {"type": "done", "status": "done"}
     resumed = await read(after=ids[1])
     assert [e.id for e in resumed] == [ids[2], late, done]  # exactly what came after, once
     assert await memory.message_status("m1") == (conv.id, "done")
+    assert [t.message_id for t in await memory.turns(conv.id)] == ["m1"]
     assert [e async for e in memory.events("unknown")] == []
 
 
@@ -79,15 +115,15 @@ async def test_media_is_stored_once_by_content_hash(memory):
 async def test_a_second_replica_reads_the_stream_live(redis_url):
     writer, reader = RedisMemory(redis_url), RedisMemory(redis_url)
     conv = await writer.create_conversation("q")
-    await writer.start_message(conv.id, "shared")
+    turn_writer = await start(writer, conv.id, "shared")
 
     async def follow():
         return [e.type async for e in reader.events("shared")]
 
     task = asyncio.create_task(follow())
     await asyncio.sleep(0.05)
-    await writer.append_events("shared", [("status", "{}")])
-    await writer.end_message("shared", "stopped")
+    await turn_writer.events(("status", "{}"))
+    await turn_writer.finish(None, "stopped")
     assert await asyncio.wait_for(task, 5) == ["status", DONE]
     assert (await reader.turns(conv.id)) == [] and (await reader.get_conversation(conv.id)).title == "q"
     await writer.aclose()
@@ -97,15 +133,16 @@ async def test_a_second_replica_reads_the_stream_live(redis_url):
 async def test_writes_set_their_lifetimes(redis_url):
     import redis.asyncio as redis
 
-    memory = RedisMemory(redis_url, conversation_ttl_s=1000, stream_ttl_s=50)
+    memory = RedisMemory(redis_url, conversation_ttl_s=1000, stream_ttl_s=50, lease_s=20)
     conv = await memory.create_conversation("q")
-    await memory.add_turn(conv.id, turn("q"))
-    await memory.start_message(conv.id, "ttl")
-    await memory.append_events("ttl", [("token", "{}")])
+    await (await start(memory, conv.id, "first")).finish(turn("first", "q"))
+    writer = await start(memory, conv.id, "ttl")
+    await writer.events(("token", "{}"))
     client = redis.from_url(redis_url)
     assert 900 < await client.ttl(f"megrez:conv:{conv.id}") <= 1000
     assert 900 < await client.ttl(f"megrez:conv:{conv.id}:turns") <= 1000
     assert 0 < await client.ttl("megrez:msg:ttl:events") <= 50 and 0 < await client.ttl("megrez:msg:ttl") <= 50
+    assert 0 < await client.pttl(f"megrez:conv:{conv.id}:running") <= 20_000  # the lock lives as long as the lease
     await client.aclose()
     await memory.aclose()
 
@@ -115,7 +152,8 @@ async def test_redis_down_is_a_clear_error_not_a_hang():
     with pytest.raises(StoreUnavailable, match="Redis is unavailable"):
         await asyncio.wait_for(memory.ping(), 5)
     with pytest.raises(StoreUnavailable):
-        await asyncio.wait_for(memory.add_turn("c", turn("q")), 5)
+        await asyncio.wait_for(memory.start_message("m", MessageStart("c", "anonymous", "q")), 5)
+    assert "m" not in memory._live  # the failed start left no live stream behind
     await memory.aclose()
 
 
@@ -132,13 +170,13 @@ async def test_turns_survive_a_redis_restart_and_the_store_reconnects(tmp_path):
     memory = RedisMemory(server.url)
     try:
         conv = await memory.create_conversation("before the restart")
-        await memory.add_turn(conv.id, turn("before the restart"))
+        await (await start(memory, conv.id, "before")).finish(turn("before", "before the restart"))
         server.stop()
         with pytest.raises(StoreUnavailable):  # down: a clear error at once
             await asyncio.wait_for(memory.turns(conv.id), 5)
         server.start()  # same port, same data directory
         assert [t.record.question for t in await memory.turns(conv.id)] == ["before the restart"]  # nothing lost
-        await memory.add_turn(conv.id, turn("after the restart"))  # the same store object works again
+        await (await start(memory, conv.id, "after")).finish(turn("after", "after the restart"))  # works again
         assert len(await memory.turns(conv.id)) == 2
     finally:
         await memory.aclose()
@@ -148,26 +186,24 @@ async def test_turns_survive_a_redis_restart_and_the_store_reconnects(tmp_path):
 async def test_local_streams_expire_like_redis_ones():
     memory = LocalMemory(stream_ttl_s=0)
     conv = await memory.create_conversation("q")
-    await memory.start_message(conv.id, "old")
-    await memory.end_message("old", "done")
-    await memory.start_message(conv.id, "new")  # starting a message drops ended streams past their lifetime
+    await (await start(memory, conv.id, "old")).finish(None)
+    await start(memory, conv.id, "new")  # starting a message drops ended streams past their lifetime
     assert await memory.message_status("old") is None and await memory.message_status("new") == (conv.id, "running")
 
 
 async def test_more_followers_on_another_replica_than_redis_pys_default_pool(redis_url):
     writer, reader = RedisMemory(redis_url), RedisMemory(redis_url)
     mids = [f"many-{i}" for i in range(150)]  # each remote follower blocks on its own connection
-    for mid in mids:
-        await writer.start_message((await writer.create_conversation("q")).id, mid)
+    writers = [await start(writer, (await writer.create_conversation("q")).id, mid) for mid in mids]
 
     async def follow(mid):
         return [e.type async for e in reader.events(mid)]
 
     followers = [asyncio.create_task(follow(mid)) for mid in mids]
     await asyncio.sleep(0.2)
-    for mid in mids:
-        await writer.append_events(mid, [("token", "{}")])
-        await writer.end_message(mid, "done")
+    for one in writers:
+        await one.events(("token", "{}"))
+        await one.finish(None)
     assert await asyncio.wait_for(asyncio.gather(*followers), 20) == [["token", DONE]] * len(mids)
     await writer.aclose()
     await reader.aclose()
@@ -176,16 +212,16 @@ async def test_more_followers_on_another_replica_than_redis_pys_default_pool(red
 async def test_followers_here_and_on_another_replica_see_the_same_events_and_ids(redis_url):
     writer, reader = RedisMemory(redis_url), RedisMemory(redis_url)
     conv = await writer.create_conversation("q")
-    await writer.start_message(conv.id, "same")
+    turn_writer = await start(writer, conv.id, "same")
 
     async def follow(memory, after=None):
         return [(e.id, e.type, e.data) async for e in memory.events("same", after)]
 
     here, there = asyncio.create_task(follow(writer)), asyncio.create_task(follow(reader))
     await asyncio.sleep(0.05)
-    first = await writer.append_events("same", [("token", '{"text": "a"}'), ("token", '{"text": "b"}')])
-    await writer.append_events("same", [("sources", "[]")])
-    await writer.end_message("same", "done")
+    first = await turn_writer.events(("token", '{"text": "a"}'), ("token", '{"text": "b"}'))
+    await turn_writer.events(("sources", "[]"))
+    await turn_writer.finish(None)
     local, remote = await asyncio.wait_for(asyncio.gather(here, there), 5)
     assert local == remote and [t for _, t, _ in local] == ["token", "token", "sources", DONE]
     assert [i for i, _, _ in local[:2]] == first
@@ -194,16 +230,34 @@ async def test_followers_here_and_on_another_replica_see_the_same_events_and_ids
     await reader.aclose()
 
 
+async def test_a_retried_batch_is_not_stored_twice(redis_url):
+    memory = RedisMemory(redis_url)
+    conv = await memory.create_conversation("q")
+    writer = await start(memory, conv.id, "retried")
+    batch = [StoredEvent(writer.ids.next(), "token", '{"text": "once"}')]
+    await memory.append_events("retried", batch)
+    await memory.append_events("retried", batch)  # its reply was lost: the writer sends it again
+    finished, _ = await writer.finish(turn("retried", "q"))
+    again = await memory.finish_message("retried", turn("retried", "q"), StoredEvent("1-0", DONE, done_data("done")))
+    reader = RedisMemory(redis_url)
+    events = [e async for e in reader.events("retried")]
+    assert [e.type for e in events] == ["token", DONE] and finished and not again
+    assert len(await memory.turns(conv.id)) == 1  # the second finish wrote nothing
+    await reader.aclose()
+    await memory.aclose()
+
+
 async def test_one_running_turn_per_conversation_across_replicas(redis_url):
     one, two = RedisMemory(redis_url), RedisMemory(redis_url)
     conv = await one.create_conversation("q")
-    await one.start_message(conv.id, "first")
+    first = await start(one, conv.id, "first")
     with pytest.raises(ConversationBusy):
-        await two.start_message(conv.id, "second")
+        await start(two, conv.id, "second")
     other = await two.create_conversation("another")
-    await two.start_message(other.id, "elsewhere")  # other conversations are not held up
-    await one.end_message("first", "done")
-    await two.start_message(conv.id, "second")  # free again once the first ended
+    await start(two, other.id, "elsewhere")  # other conversations are not held up
+    assert await two.running_message(conv.id) == "first"
+    await first.finish(None)
+    await start(two, conv.id, "second")  # free again once the first ended
     assert await one.message_status("second") == (conv.id, "running")
     await one.aclose()
     await two.aclose()
@@ -212,11 +266,105 @@ async def test_one_running_turn_per_conversation_across_replicas(redis_url):
 async def test_local_memory_runs_one_turn_per_conversation():
     memory = LocalMemory()
     conv = await memory.create_conversation("q")
-    await memory.start_message(conv.id, "a")
+    first = await start(memory, conv.id, "a")
     with pytest.raises(ConversationBusy):
-        await memory.start_message(conv.id, "b")
-    await memory.end_message("a", "stopped")
-    await memory.start_message(conv.id, "b")
+        await start(memory, conv.id, "b")
+    await first.finish(None, "stopped")
+    await start(memory, conv.id, "b")
+
+
+async def test_a_deleted_conversation_takes_no_new_turn_and_a_late_end_writes_nothing(memory):
+    conv = await memory.create_conversation("q")
+    writer = await start(memory, conv.id, "late")
+    with pytest.raises(ConversationBusy):  # not while its turn runs (the API stops it first)
+        await memory.delete_conversation(conv.id)
+    assert await memory.get_conversation(conv.id) is not None
+    await writer.finish(turn("late", "q"), "stopped")
+    assert await memory.delete_conversation(conv.id)
+    with pytest.raises(ConversationGone):
+        await start(memory, conv.id, "after")
+    assert await memory.get_conversation(conv.id) is None
+    assert conv.id not in [c.id for c in await memory.list_conversations(limit=500)]
+
+
+async def test_a_turn_that_ends_after_its_conversation_was_deleted_leaves_nothing(redis_url):
+    import redis.asyncio as redis
+
+    one, two = RedisMemory(redis_url, lease_s=1), RedisMemory(redis_url)
+    conv = await one.create_conversation("q", owner="late-owner")
+    writer = await start(one, conv.id, "orphan", owner="late-owner")
+    await asyncio.sleep(1.2)  # the lease (and so the lock) ran out: the delete goes through
+    assert await two.delete_conversation(conv.id)
+    finished, _ = await writer.finish(turn("orphan", "q"))
+    assert not finished  # its message went with the conversation
+    client = redis.from_url(redis_url)
+    assert await client.keys(f"megrez:conv:{conv.id}*") == [] and not await client.exists("megrez:msg:orphan")
+    assert await two.list_conversations("late-owner") == []
+    await client.aclose()
+    await one.aclose()
+    await two.aclose()
+
+
+async def test_a_dead_replicas_turn_is_reaped_with_what_it_showed(redis_url):
+    dead, alive = RedisMemory(redis_url, lease_s=1), RedisMemory(redis_url, lease_s=1)
+    conv = await dead.create_conversation("Who designed it?", owner="reaped-owner")
+    assert await dead.acquire_slot("reaped-owner", "dying", 1)
+    media = (MediaRef.of("image", b"png"),)
+    await dead.start_message("dying", MessageStart(conv.id, "reaped-owner", "Who designed it?", media))
+    writer = Writer(dead, "dying")
+    source = {"n": 1, "url": "https://e.org/a", "title": "A", "domain": "e.org", "snippet": "Eiffel's firm."}
+    await writer.events(
+        ("query", json.dumps({"type": "query", "query": "eiffel tower designer", "round": 1})),
+        ("sources", json.dumps({"type": "sources", "round": 1, "sources": [source]})),
+        ("token", json.dumps({"type": "token", "text": "Gustave Eiffel's company"})),
+    )
+    assert not await alive.reap("dying")  # the lease still runs: alive
+    assert await alive.reap_expired() == []
+    dead._live.clear()  # the replica dies: nobody renews the lease
+
+    async def follow():
+        return [(e.type, json.loads(e.data)) async for e in alive.events("dying")]
+
+    events = await asyncio.wait_for(follow(), 15)  # the follower notices the lease ran out and reaps it
+    assert [t for t, _ in events[-2:]] == ["error", DONE] and events[-1][1]["status"] == "failed"
+    assert events[-2][1]["code"] == "interrupted"
+    [stored] = await alive.turns(conv.id)
+    assert stored.status == "failed" and stored.error.code == "interrupted" and stored.record.media == list(media)
+    assert stored.record.answer.answer == "Gustave Eiffel's company"
+    assert [s.url for s in stored.record.answer.sources] == ["https://e.org/a"]
+    assert stored.record.answer.queries == ["eiffel tower designer"]
+    assert await alive.running_message(conv.id) is None  # the conversation is free
+    assert await alive.acquire_slot("reaped-owner", "next", 1)  # and the owner's slot
+    await dead.aclose()
+    await alive.aclose()
+
+
+async def test_renewed_leases_keep_a_turn_alive_and_expired_ones_are_swept(redis_url):
+    one, two = RedisMemory(redis_url, lease_s=1), RedisMemory(redis_url, lease_s=1)
+    alive = await one.create_conversation("alive")
+    dead = await one.create_conversation("dead")
+    await start(one, alive.id, "renewed")
+    await start(one, dead.id, "abandoned")
+    for _ in range(4):  # past the lease, renewing only one of them
+        await asyncio.sleep(0.4)
+        await one.renew(["renewed"], [])
+    assert await two.reap_expired() == ["abandoned"]
+    assert await two.message_status("renewed") == (alive.id, "running")
+    assert [t.status for t in await two.turns(dead.id)] == ["failed"] and await two.turns(alive.id) == []
+    await one.aclose()
+    await two.aclose()
+
+
+async def test_slots_expire_with_their_lease_unless_renewed(memory):
+    memory.lease_s = 0.3
+    assert await memory.acquire_slot("slot-owner", "kept", 2)
+    assert await memory.acquire_slot("slot-owner", "lost", 2)
+    assert not await memory.acquire_slot("slot-owner", "third", 2)
+    for _ in range(3):
+        await asyncio.sleep(0.15)
+        await memory.renew([], [("slot-owner", "kept")])
+    assert await memory.acquire_slot("slot-owner", "third", 2)  # "lost" expired, "kept" did not
+    assert not await memory.acquire_slot("slot-owner", "fourth", 2)
 
 
 async def test_a_stop_request_reaches_the_other_replica(redis_url):
@@ -236,10 +384,23 @@ async def test_a_stop_request_reaches_the_other_replica(redis_url):
     await two.aclose()
 
 
-def test_event_ids_are_checked():
-    from api.memory import event_id_key
-
+def test_event_ids_are_checked_and_generated_in_order():
     assert event_id_key("1700000000000-3") == (1700000000000, 3) and event_id_key("2-0") > event_id_key("1-9")
-    for bad in ("", "abc", "1-", "-1", "1-2-3", "１-0"):
+    assert event_id_key(f"{2**64 - 1}-{2**64 - 1}") == (2**64 - 1, 2**64 - 1)
+    for bad in ("", "abc", "1-", "-1", "1-2-3", "１-0", f"{2**64}-0", f"0-{2**64}"):
         with pytest.raises(ValueError, match="not an event id"):
             event_id_key(bad)
+    ids = EventIds()
+    made = [ids.next() for _ in range(1000)]
+    assert sorted(made, key=event_id_key) == made and len(set(made)) == 1000
+
+
+async def test_stored_failed_turns_keep_their_error(memory):
+    conv = await memory.create_conversation("q")
+    writer = await start(memory, conv.id, "broken")
+    failed = turn("broken", "q", "", "failed").model_copy(
+        update={"error": ErrorEvent(code="engine_unavailable", message="The model engine is unavailable.")}
+    )
+    await writer.finish(failed, "failed")
+    [stored] = await memory.turns(conv.id)
+    assert stored.status == "failed" and stored.error.code == "engine_unavailable"

@@ -191,13 +191,32 @@ async def test_a_failed_turn_is_an_openai_error(tokenizer_dir, corpus_backend):
                 messages=[{"role": "user", "content": "q"}],
                 extra_body={"megrez_websearch": "off"},
             )
-        assert raised.value.status_code == 503 and "GPU host down" in str(raised.value)
+        assert raised.value.status_code == 503 and "unavailable" in str(raised.value)
+        assert "GPU host down" not in str(raised.value)  # the engine's own words go to the log, not to visitors
         stream = await client.chat.completions.create(
             model="megrez-search",
             messages=[{"role": "user", "content": "q"}],
             stream=True,
             extra_body={"megrez_websearch": "off"},
         )
-        with pytest.raises(openai.APIError, match="GPU host down"):
+        with pytest.raises(openai.APIError, match="unavailable"):
             async for _ in stream:
                 pass
+
+
+async def test_a_request_waits_for_no_follow_up_questions_and_closes_its_turn_cleanly(
+    tokenizer_dir, corpus_backend, caplog
+):
+    # Follow-ups are on for the service; OpenAI's shape has no place for them, so /v1 does not generate them.
+    app, engine = app_with(
+        tokenizer_dir, corpus_backend, LocalMemory(), call("Eiffel Tower"), ANSWER, "1. More?<|turn_end|>"
+    )
+    with caplog.at_level("ERROR"):
+        async with openai_client(app) as client:
+            done = await client.chat.completions.create(
+                model="megrez-search", messages=[{"role": "user", "content": "Who designed the Eiffel Tower?"}]
+            )
+    assert done.choices[0].message.content.startswith("Gustave Eiffel's company")
+    assert len(engine.requests) == 2 and not any(r.sampling.regex for r in engine.requests)  # search, answer
+    # The turn is closed by the route, not by the garbage collector while it is still running.
+    assert not [r for r in caplog.records if "aclose" in r.getMessage()]

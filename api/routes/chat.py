@@ -8,19 +8,20 @@ first, ``done`` last, a comment every 15 s keeps idle proxies from closing the c
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import AsyncIterator
 
-from fastapi import APIRouter, Depends, Header, HTTPException, Query, Request
-from prometheus_client import Gauge
+from fastapi import APIRouter, Depends, Header, HTTPException, Query, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 from sse_starlette.sse import EventSourceResponse
 
 from agent.state import MediaItem
 from api.config import ApiConfig
+from api.engine_state import EngineNotReady
+from api.errors import error_responses
 from api.media import MediaRejected, check_media, decode_base64
-from api.memory import DONE, Memory, event_id_key
+from api.memory import DONE, StoredEvent, event_id_key
 from api.routes.deps import caller, owned_conversation, services, store_errors
 from api.schemas import ChatRequest, ChatResponse, MetaEvent
 from engine.base import Engine
@@ -33,44 +34,56 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # no pro
 
 
 def _mode(websearch: str) -> str:
+    """The search mode ``websearch`` names (any case, spaces around); a 422 like FastAPI's own otherwise."""
     mode = _MODES.get(websearch.strip().lower())
     if mode is None:
-        raise HTTPException(422, f"websearch must be one of off, auto, always, true, false (got {websearch!r})")
+        error = {"type": "enum", "loc": ("query", "websearch"), "msg": "websearch must be one of " + ", ".join(_MODES)}
+        raise RequestValidationError([error])
     return mode
 
 
-async def _sse(memory: Memory, cid: str, mid: str, after: str | None, streams: Gauge) -> AsyncIterator[dict]:
+async def _sse(svc, cid: str, mid: str, after: str | None) -> AsyncIterator[dict]:
+    """The message's events as SSE frames, ``meta`` first unless resuming; always ends with ``done``
+    (:meth:`api.turns.TurnRunner.follow`). A frame without ``id`` (made up here) leaves the client's
+    ``Last-Event-ID`` at the last real event."""
+    streams = svc.runner.metrics.streams
     streams.inc()
     try:
         if after is None:
             meta = MetaEvent(conversation_id=cid, message_id=mid).model_dump_json()
             yield {"event": "meta", "id": "0-0", "data": meta}
-        async for event in memory.events(mid, after):
-            yield {"event": event.type, "id": event.id, "data": event.data}
+        async for event in svc.runner.follow(mid, after):
+            frame = {"event": event.type, "data": _shown(event, svc.access.keys_required)}
+            if event.id:
+                frame["id"] = event.id
+            yield frame
     finally:
         streams.dec()
 
 
+def _shown(event: StoredEvent, key_holder: bool) -> str:
+    """An event's JSON as this caller may see it: an error's ``detail`` (library text, internal addresses)
+    only for key holders; visitors of a keyless service get the plain message (the detail is in the log)."""
+    if key_holder or event.type != "error" or '"detail"' not in event.data:
+        return event.data
+    error = json.loads(event.data)
+    error.pop("detail", None)
+    return json.dumps(error, ensure_ascii=False)
+
+
 async def _read_request(request: Request, limits: ApiConfig, engine: Engine) -> tuple[ChatRequest, list[MediaItem]]:
     """The request from a JSON body or a multipart form, with its media checked against the limits and
-    what the loaded model reads (clear 4xx otherwise)."""
-    length = request.headers.get("content-length", "")
-    if length.isdigit() and int(length) > limits.max_body_bytes:
-        raise HTTPException(413, f"the request is {length} bytes; at most {limits.max_body_bytes} are accepted")
+    what the loaded model reads (clear 4xx otherwise). The body's size and read time are bounded while it is
+    read (``api/http_guard.py``); a validation error is FastAPI's 422, without the input it rejected."""
     try:
         if request.headers.get("content-type", "").startswith("multipart/form-data"):
             form = await request.form(max_files=limits.max_images + limits.max_audio + 1)
             fields = {k: form[k] for k in ("message", "conversation_id", "language") if isinstance(form.get(k), str)}
             body = ChatRequest.model_validate(fields)
-            images = [await f.read() for f in form.getlist("images") if not isinstance(f, str)]
-            audio = [await f.read() for f in form.getlist("audio") if not isinstance(f, str)]
+            images = [await _form_media(v, f"images[{i}]") for i, v in enumerate(form.getlist("images"))]
+            audio = [await _form_media(v, f"audio[{i}]") for i, v in enumerate(form.getlist("audio"))]
         else:
-            raw = await request.body()
-            if len(raw) > limits.max_body_bytes:
-                raise HTTPException(
-                    413, f"the request is {len(raw)} bytes; at most {limits.max_body_bytes} are accepted"
-                )
-            body = ChatRequest.model_validate_json(raw)
+            body = ChatRequest.model_validate_json(await request.body())
             images = [decode_base64(v, f"images[{i}]") for i, v in enumerate(body.images)]
             audio = [decode_base64(v, f"audio[{i}]") for i, v in enumerate(body.audio)]
         if len(body.message) > limits.max_message_chars:
@@ -79,14 +92,21 @@ async def _read_request(request: Request, limits: ApiConfig, engine: Engine) -> 
             )
         return body, check_media(images, audio, limits, engine)
     except ValidationError as exc:
-        raise HTTPException(422, exc.errors(include_url=False, include_context=False)) from None
+        errors = [{**e, "loc": ("body", *e["loc"])} for e in exc.errors(include_url=False)]
+        raise RequestValidationError(errors) from None
     except MediaRejected as exc:
         raise HTTPException(400, str(exc)) from None
+
+
+async def _form_media(value: UploadFile | str, name: str) -> bytes:
+    """A form's media item: a file part, or a text part holding base64 or a data URL (as in a JSON body)."""
+    return decode_base64(value, name) if isinstance(value, str) else await value.read()
 
 
 @router.post(
     "/chat",
     response_model=ChatResponse,
+    responses=error_responses(400, 401, 404, 408, 409, 413, 429, 503),
     openapi_extra={
         "requestBody": {
             "required": True,
@@ -95,7 +115,14 @@ async def _read_request(request: Request, limits: ApiConfig, engine: Engine) -> 
                 "multipart/form-data": {
                     "schema": {
                         "type": "object",
-                        "description": "message, conversation_id, language; files: images, audio",
+                        "required": ["message"],
+                        "properties": {
+                            "message": {"type": "string", "minLength": 1},
+                            "conversation_id": {"type": "string"},
+                            "language": {"type": "string"},
+                            "images": {"type": "array", "items": {"type": "string", "format": "binary"}},
+                            "audio": {"type": "array", "items": {"type": "string", "format": "binary"}},
+                        },
                     }
                 },
             },
@@ -104,28 +131,31 @@ async def _read_request(request: Request, limits: ApiConfig, engine: Engine) -> 
 )
 async def chat(
     request: Request,
-    websearch: str = Query("auto", description="off, auto (the model decides), always; true = auto, false = off"),
+    websearch: str = Query(
+        "auto",
+        description="off, auto (the model decides), always; true = auto, false = off",
+        json_schema_extra={"enum": list(_MODES)},  # read in any case; these are the values
+    ),
     stream: bool | None = Query(None, description="SSE instead of JSON (also chosen by Accept: text/event-stream)"),
     owner: str = Depends(caller),
 ):
     """Ask a question: streams the agent's events as SSE, or waits and returns the structured answer."""
     mode = _mode(websearch)
     svc = services(request)
-    if svc.engine_error:
-        raise HTTPException(503, f"the model engine failed to start: {svc.engine_error}")
-    if not svc.engine_ready.is_set():
-        raise HTTPException(503, "engine loading")
+    try:
+        svc.engine_state.check()  # loading or known down: 503 at once, not a turn that can only fail
+    except EngineNotReady as exc:
+        raise HTTPException(503, exc.message, headers=exc.headers) from None
     body, media = await _read_request(request, svc.settings.api, svc.engine)
     with store_errors():
+        conversation, history = None, []
         if body.conversation_id:
             conversation = await owned_conversation(request, body.conversation_id, owner)
             history = [t.record for t in await svc.memory.turns(conversation.id) if t.status == "done"]
-        else:
-            conversation, history = await svc.memory.create_conversation(body.message, owner), []
         for item in media:
             await svc.memory.put_media(item.data)  # stored once by content hash; the record keeps the hash
-        mid = await svc.runner.start(
-            conversation.id,
+        conversation, mid = await svc.runner.start(
+            conversation,
             body.message,
             history=history,
             media=media,
@@ -134,19 +164,16 @@ async def chat(
             owner=owner,
         )
     if stream or (stream is None and "text/event-stream" in request.headers.get("accept", "")):
-        return EventSourceResponse(
-            _sse(svc.memory, conversation.id, mid, None, svc.runner.metrics.streams), ping=15, headers=SSE_HEADERS
-        )
+        return EventSourceResponse(_sse(svc, conversation.id, mid, None), ping=15, headers=SSE_HEADERS)
     answer = error = None
     status = "running"
-    with store_errors():
-        async for event in svc.memory.events(mid):
-            if event.type == "answer":
-                answer = json.loads(event.data)["answer"]
-            elif event.type == "error":
-                error = json.loads(event.data)
-            elif event.type == DONE:
-                status = json.loads(event.data)["status"]
+    async for event in svc.runner.follow(mid):
+        if event.type == "answer":
+            answer = json.loads(event.data)["answer"]
+        elif event.type == "error":
+            error = json.loads(_shown(event, svc.access.keys_required))
+        elif event.type == DONE:
+            status = json.loads(event.data)["status"]
     return ChatResponse(conversation_id=conversation.id, message_id=mid, status=status, answer=answer, error=error)
 
 
@@ -160,7 +187,7 @@ async def _owned_message(request: Request, message_id: str, owner: str):
     raise HTTPException(404, f"unknown or expired message {message_id}")
 
 
-@router.get("/chat/{message_id}/events")
+@router.get("/chat/{message_id}/events", responses=error_responses(400, 401, 404, 429, 503))
 async def resume(
     message_id: str,
     request: Request,
@@ -178,26 +205,19 @@ async def resume(
             event_id_key(after)
         except ValueError as exc:
             raise HTTPException(400, f"Last-Event-ID: {exc}") from None
-    return EventSourceResponse(
-        _sse(svc.memory, known[0], message_id, after, svc.runner.metrics.streams), ping=15, headers=SSE_HEADERS
-    )
+    return EventSourceResponse(_sse(svc, known[0], message_id, after), ping=15, headers=SSE_HEADERS)
 
 
-@router.post("/chat/{message_id}/stop")
+@router.post("/chat/{message_id}/stop", responses=error_responses(401, 404, 429, 503, 504))
 async def stop(message_id: str, request: Request, owner: str = Depends(caller)) -> dict[str, str]:
     """Stop a running turn (the engine request is aborted; the partial answer is saved as stopped), on
     whichever replica runs it."""
     svc = services(request)
     with store_errors():
         known = await _owned_message(request, message_id, owner)
-        if known[1] == "running" and not await svc.runner.stop(message_id):
-            await svc.memory.request_stop(message_id)  # another replica runs it: it hears this and stops
-            deadline = asyncio.get_running_loop().time() + STOP_WAIT_S
-            while (known := await svc.memory.message_status(message_id) or known)[1] == "running":
-                if asyncio.get_running_loop().time() > deadline:
-                    raise HTTPException(
-                        504, f"the turn did not stop within {STOP_WAIT_S:g} s; the replica running it may be down"
-                    )
-                await asyncio.sleep(0.05)
-        status = (await svc.memory.message_status(message_id) or known)[1]
+        status = known[1]
+        if status == "running":
+            status = await svc.runner.stop_anywhere(message_id, STOP_WAIT_S) or "failed"
+    if status == "running":
+        raise HTTPException(504, f"the turn did not stop within {STOP_WAIT_S:g} s; the replica running it is busy")
     return {"message_id": message_id, "status": status}

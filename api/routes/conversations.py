@@ -4,30 +4,41 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
 
+from api.errors import error_responses
+from api.routes.chat import STOP_WAIT_S
 from api.routes.deps import caller, owned_conversation, services, store_errors
 from api.schemas import ConversationOut, ConversationSummary
 
 router = APIRouter(tags=["conversations"])
 
 
-@router.get("/conversations", response_model=list[ConversationSummary])
+@router.get("/conversations", response_model=list[ConversationSummary], responses=error_responses(401, 429, 503))
 async def list_conversations(request: Request, limit: int = Query(50, ge=1, le=500), owner: str = Depends(caller)):
     with store_errors():
         return [c.model_dump() for c in await services(request).memory.list_conversations(owner, limit)]
 
 
-@router.get("/conversations/{conversation_id}", response_model=ConversationOut)
+@router.get(
+    "/conversations/{conversation_id}",
+    response_model=ConversationOut,
+    responses=error_responses(401, 404, 429, 503),
+)
 async def get_conversation(conversation_id: str, request: Request, owner: str = Depends(caller)):
     memory = services(request).memory
     with store_errors():
         conversation = await owned_conversation(request, conversation_id, owner)
-        turns = [ConversationOut.turn(t.message_id, t.status, t.record) for t in await memory.turns(conversation_id)]
+        turns = [ConversationOut.turn(t) for t in await memory.turns(conversation_id)]
     return ConversationOut(**conversation.model_dump(), turns=turns)
 
 
-@router.delete("/conversations/{conversation_id}", status_code=204)
+@router.delete("/conversations/{conversation_id}", status_code=204, responses=error_responses(401, 404, 409, 429, 503))
 async def delete_conversation(conversation_id: str, request: Request, owner: str = Depends(caller)) -> None:
+    """Delete a conversation with its turns, media references and message streams. A turn still running is
+    stopped first (on whichever replica runs it); if it cannot be stopped in time, 409 and nothing is deleted."""
+    svc = services(request)
     with store_errors():
         await owned_conversation(request, conversation_id, owner)
-        if not await services(request).memory.delete_conversation(conversation_id):
+        if (running := await svc.memory.running_message(conversation_id)) is not None:
+            await svc.runner.stop_anywhere(running, STOP_WAIT_S)
+        if not await svc.memory.delete_conversation(conversation_id):  # ConversationBusy: 409
             raise HTTPException(404, f"unknown conversation {conversation_id}")

@@ -17,14 +17,16 @@ from __future__ import annotations
 import contextlib
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
+import anyio
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 from sse_starlette.sse import EventSourceResponse
-from starlette.background import BackgroundTask
 
 from agent.events import AnswerEvent, ErrorEvent, PreambleEvent, TokenEvent
+from api.engine_state import EngineNotReady
+from api.errors import error_responses
 from api.logs import MESSAGE_ID
 from api.memory import new_id
 from api.metrics import Metrics
@@ -43,13 +45,14 @@ router = APIRouter(prefix="/v1", tags=["openai"])
 
 _ERROR_STATUS = {"invalid_request": 400, "too_long": 400, "invalid_media": 400, "engine_unavailable": 503}
 SERVICE_MODEL = "megrez-search"
+CLOSE_TIMEOUT_S = 5.0  # closing a turn whose client left: the graph cancels its node, the engine aborts
 
 
 def _models(request: Request) -> list[str]:
     return [SERVICE_MODEL, services(request).engine.model]
 
 
-@router.get("/models", dependencies=[Depends(caller)])
+@router.get("/models", dependencies=[Depends(caller)], responses=error_responses(401, 429, openai=True))
 async def models(request: Request) -> dict:
     """The model names this service answers to (the service itself and the engine's model)."""
     return {
@@ -68,7 +71,7 @@ def _error_of(event: ErrorEvent) -> OpenAIError:
     )
 
 
-@router.post("/chat/completions")
+@router.post("/chat/completions", responses=error_responses(400, 401, 404, 408, 413, 429, 503, openai=True))
 async def chat_completions(request: Request, body: ChatCompletionRequest, owner: str = Depends(caller)):
     """An answer with web search and citations, in OpenAI's chat-completions shape."""
     svc = services(request)
@@ -76,14 +79,13 @@ async def chat_completions(request: Request, body: ChatCompletionRequest, owner:
         raise OpenAIError(
             404, f"the model {body.model!r} does not exist; see GET /v1/models", param="model", code="model_not_found"
         )
-    if svc.engine_error:
-        raise OpenAIError(503, f"the model engine failed to start: {svc.engine_error}", type_="server_error")
-    if not svc.engine_ready.is_set():
-        raise OpenAIError(503, "engine loading", type_="server_error", code="engine_loading")
+    try:
+        svc.engine_state.check()  # loading or known down: 503 at once, not a turn that can only fail
+    except EngineNotReady as exc:
+        raise OpenAIError(503, exc.message, type_="server_error", code=exc.code, headers=exc.headers) from None
     turn_request = read_request(body, svc.settings.agent, svc.settings.api, svc.engine)
-    slot = contextlib.AsyncExitStack()
     with store_errors():  # no free turn slot: 429
-        await slot.enter_async_context(svc.runner.slot(owner))
+        slot = await svc.runner.take_slot(owner)
     cid, metrics = f"chatcmpl-{new_id()}", svc.runner.metrics
     MESSAGE_ID.set(cid)  # this request's logs carry the completion id
     turn = svc.runner.agent.run(
@@ -91,27 +93,43 @@ async def chat_completions(request: Request, body: ChatCompletionRequest, owner:
         history=turn_request.history,
         media=turn_request.media,
         mode=turn_request.mode,
-        config=turn_request.config,
+        # OpenAI's shape has no place for follow-up questions: not generated (nobody would wait for them).
+        config=turn_request.config.model_copy(update={"related": False}),
         request_id=cid,
     )
     if body.stream:
         include_usage = bool((body.stream_options or {}).get("include_usage"))
-        events = _stream(turn, cid, body.model, include_usage, metrics, slot)
-        # The slot is also released after the response, in case the client left before the stream began.
-        return EventSourceResponse(events, ping=15, background=BackgroundTask(slot.aclose))
-    async with slot:
-        async for event in turn:
-            metrics.observe(event)
-            if isinstance(event, ErrorEvent):
-                raise _error_of(event)
-            if isinstance(event, AnswerEvent):
-                return JSONResponse(completion(cid, body.model, event.answer))
+        events = _stream(turn, cid, body.model, include_usage, metrics)
+        return _SlotStream(events, release=lambda: svc.runner.release_slot(slot), ping=15)
+    try:
+        async with contextlib.aclosing(turn):  # closed here, not by the garbage collector mid-iteration
+            async for event in turn:
+                metrics.observe(event)
+                if isinstance(event, ErrorEvent):
+                    raise _error_of(event)
+                if isinstance(event, AnswerEvent):
+                    return JSONResponse(completion(cid, body.model, event.answer))
+    finally:
+        svc.runner.release_slot(slot)
     raise OpenAIError(500, "the turn ended without an answer", type_="server_error")
 
 
-async def _stream(
-    turn, cid: str, model: str, include_usage: bool, metrics: Metrics, slot: contextlib.AsyncExitStack
-) -> AsyncIterator[dict]:
+class _SlotStream(EventSourceResponse):
+    """An SSE response that gives its turn slot back when the response ends — finished, failed, or cancelled
+    because the client left — even if the body never started (``release`` is synchronous and idempotent)."""
+
+    def __init__(self, content, *, release: Callable[[], None], **kwargs) -> None:
+        super().__init__(content, **kwargs)
+        self._release = release
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._release()
+
+
+async def _stream(turn, cid: str, model: str, include_usage: bool, metrics: Metrics) -> AsyncIterator[dict]:
     created = int(time.time())
     streamed = ""
 
@@ -148,5 +166,7 @@ async def _stream(
         yield {"data": "[DONE]"}
     finally:
         metrics.streams.dec()
-        await turn.aclose()  # a client that went away: the engine request is aborted
-        await slot.aclose()
+        # A client that went away cancelled this generator: without the shield, the await below would be
+        # cancelled at once and the engine request would run on, unseen.
+        with anyio.CancelScope(shield=True), anyio.move_on_after(CLOSE_TIMEOUT_S):
+            await turn.aclose()

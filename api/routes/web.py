@@ -62,23 +62,26 @@ async def page() -> FileResponse | HTMLResponse:
 
 @router.get("/info")
 async def info(request: Request) -> dict:
-    """What a client needs before it asks: whether a key is needed, whether the model is ready, what it
-    reads besides text, and the request limits. Without a valid key (when keys are required) only
-    ``keys_required`` is told."""
+    """What a client needs before it asks: whether a key is needed, whether the model is ready (``engine``:
+    ``loading``, ``ready`` or ``unavailable``), what it reads besides text, and the request limits. Without
+    a valid key (when keys are required) only ``keys_required`` is told; what is wrong with the engine
+    (``engine_detail``: server addresses, library errors) only to a key holder."""
     svc = services(request)
     if svc.access.keys_required:
         try:
-            svc.access.owner(request)
+            await svc.access.check(request)  # wrong keys count here too (no free key oracle)
         except HTTPException:
             return {"keys_required": True}
     limits = svc.settings.api
-    ready = svc.engine_ready.is_set()
+    state = svc.engine_state
+    detail = {"engine_detail": "; ".join(state.problems()) or None} if svc.access.keys_required else {}
     return {
         "keys_required": svc.access.keys_required,
-        "ready": ready,
-        "engine_error": svc.engine_error,
+        "ready": state.status == "ready",
+        "engine": state.status,
+        **detail,
         "model": svc.engine.model,
-        "media": sorted(svc.engine.media) if ready else [],
+        "media": sorted(svc.engine.media) if state.started.is_set() else [],
         "default_mode": svc.settings.agent.mode,
         "limits": {
             "max_message_chars": limits.max_message_chars,

@@ -79,8 +79,11 @@ async function loadInfo() {
     $(id).setAttribute("aria-disabled", String(Boolean(media.refusal(kind))));
     $(id).title = media.refusal(kind) || $(id).getAttribute("aria-label");
   }
-  ui.state.textContent = info.engine_error ? `Engine failed: ${info.engine_error}` : info.ready ? "" : "Model loading…";
-  if (!info.ready && !info.engine_error) setTimeout(loadInfo, 3000);
+  // engine: loading | ready | unavailable (it may come back: keep asking); the detail is sent to key holders only.
+  const states = { ready: "", loading: "Model loading…", unavailable: "The model engine is unavailable right now." };
+  const detail = info.engine !== "ready" && info.engine_detail ? ` (${info.engine_detail})` : "";
+  ui.state.textContent = (states[info.engine] ?? "") + detail;
+  if (!info.ready) setTimeout(loadInfo, 3000);
 }
 
 // --- history --------------------------------------------------------------------------------------

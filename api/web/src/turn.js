@@ -278,6 +278,7 @@ export class TurnView {
     this.addSources({ round: 1, sources: answer.sources });
     this.steps.querySelector('[data-key="read-1"]')?.remove();
     this.finishAnswer(answer, { streamed: false });
+    if (turn.error) this.fail(turn.error.message); // a failed turn keeps what it showed, and says why it failed
     this.finish(turn.status);
   }
 

@@ -1,0 +1,307 @@
+"""Faults while a turn runs, against real processes on 127.0.0.1: every stream ends with ``done`` within a
+bound, the conversation keeps every finished turn and the interrupted one (done, stopped or failed, with
+its sources), slots and locks are free afterwards, ``/readyz`` tells the truth.
+
+The app under test is served by uvicorn (``client_for``); Redis is a redis-server of the test's own when
+it is killed (append-only file on, as in docker-compose.yml), the session's otherwise; a replica that is
+killed runs in a process of its own (``scripts/scripted_service.py``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable
+
+import httpx
+import pytest
+import redis.asyncio as redis
+
+from agent.config import AgentConfig
+from api.config import ApiConfig, RateConfig
+from api.memory import LocalMemory
+from api.redis_memory import RedisMemory
+from api.settings import Settings
+from engine.base import EngineUnavailable
+from scripts.net import RedisServer
+from scripts.scripted_service import service_process
+from tests.agent_fixtures import DOCUMENTS, app_with, call, client_for, parse_sse
+
+SLOW = "Gustave Eiffel's company designed it [citation:1]. " + "It took two years to build. " * 20 + "<|turn_end|>"
+SSE = {"Accept": "text/event-stream"}
+
+
+def settings(**api) -> Settings:
+    return Settings(agent=AgentConfig(related=False), api=ApiConfig(**api), rate=RateConfig(concurrent_turns=8))
+
+
+async def open_stream(client: httpx.AsyncClient, until: Callable[[list[dict]], bool], **request) -> tuple:
+    """POST /chat as SSE until ``until(frames)``; returns (frames so far, the rest as a task that reads on)."""
+    request.setdefault("json", {"message": "Who designed the Eiffel Tower?"})
+    context = client.stream("POST", request.pop("url", "/chat?websearch=auto"), headers=SSE, **request)
+    response = await context.__aenter__()
+    chunks = response.aiter_text()
+    seen = ""
+    while not until(parse_sse(seen)):
+        seen += await chunks.__anext__()
+
+    async def rest() -> list[dict]:
+        nonlocal seen
+        try:
+            async for chunk in chunks:
+                seen += chunk
+        finally:
+            await context.__aexit__(None, None, None)
+        return parse_sse(seen)
+
+    return parse_sse(seen), asyncio.create_task(rest())
+
+
+def tokens(n: int) -> Callable[[list[dict]], bool]:
+    return lambda frames: sum(f.get("event") == "token" for f in frames) >= n
+
+
+def text_of(frames: list[dict]) -> str:
+    return "".join(json.loads(f["data"])["text"] for f in frames if f.get("event") == "token")
+
+
+def meta_of(frames: list[dict]) -> dict:
+    return json.loads(frames[0]["data"])
+
+
+async def eventually(check: Callable, timeout_s: float = 10.0) -> None:
+    """Wait until ``await check()`` (or ``check()``) is true; fail with the last value after ``timeout_s``."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while True:
+        value = check()
+        value = await value if asyncio.iscoroutine(value) else value
+        if value or asyncio.get_running_loop().time() > deadline:
+            assert value, f"still not true after {timeout_s} s"
+            return
+        await asyncio.sleep(0.05)
+
+
+@pytest.fixture(params=["local", "redis"])
+def memory_factory(request, redis_url):
+    return (lambda: LocalMemory()) if request.param == "local" else (lambda: RedisMemory(redis_url))
+
+
+async def test_delete_during_a_turn_stops_it_and_leaves_nothing(tokenizer_dir, corpus_backend, memory_factory):
+    memory = memory_factory()
+    app, engine = app_with(tokenizer_dir, corpus_backend, memory, call("Eiffel Tower"), SLOW, delay_s=0.01)
+    async with client_for(app) as client:
+        frames, rest = await open_stream(client, tokens(2))
+        meta = meta_of(frames)
+        deleted = await client.delete(f"/conversations/{meta['conversation_id']}")
+        assert deleted.status_code == 204
+        frames = await asyncio.wait_for(rest, 10)
+        assert frames[-1]["event"] == "done" and json.loads(frames[-1]["data"])["status"] == "stopped"
+        assert engine.requests[-1].closed_early  # the engine request was aborted
+        assert (await client.get(f"/conversations/{meta['conversation_id']}")).status_code == 404
+        again = await client.post("/chat", json={"message": "more", "conversation_id": meta["conversation_id"]})
+        assert again.status_code == 404
+        assert meta["conversation_id"] not in [c["id"] for c in (await client.get("/conversations")).json()]
+        assert (await client.get(f"/chat/{meta['message_id']}/events")).status_code == 404
+        await eventually(lambda: app.state.services.runner.slots_held == 0)
+        if isinstance(memory, RedisMemory):
+            store = redis.from_url(memory_url(memory))
+            assert await store.keys(f"megrez:conv:{meta['conversation_id']}*") == []
+            assert await store.keys(f"megrez:msg:{meta['message_id']}*") == []
+            assert await store.zcard("megrez:slots:anonymous") == 0
+            await store.aclose()
+        fresh = await client.post("/chat?websearch=off", json={"message": "still works"})
+        assert fresh.status_code == 200 and fresh.json()["status"] == "done"
+
+
+def memory_url(memory: RedisMemory) -> str:
+    kwargs = memory._redis.connection_pool.connection_kwargs
+    return f"redis://{kwargs['host']}:{kwargs['port']}/{kwargs.get('db', 0)}"
+
+
+async def test_a_stopped_turn_is_stored_with_what_the_user_saw(tokenizer_dir, corpus_backend, memory_factory):
+    app, _ = app_with(tokenizer_dir, corpus_backend, memory_factory(), call("Eiffel Tower"), SLOW, delay_s=0.01)
+    async with client_for(app) as client:
+        frames, rest = await open_stream(client, lambda frames: any(f.get("event") == "citation" for f in frames))
+        meta = meta_of(frames)
+        stopped = await client.post(f"/chat/{meta['message_id']}/stop")
+        assert stopped.status_code == 200 and stopped.json()["status"] == "stopped"
+        frames = await asyncio.wait_for(rest, 10)
+        shown = [s for f in frames if f.get("event") == "sources" for s in json.loads(f["data"])["sources"]]
+        [turn] = (await client.get(f"/conversations/{meta['conversation_id']}")).json()["turns"]
+        assert turn["status"] == "stopped" and turn["question"] == "Who designed the Eiffel Tower?"
+        assert shown and turn["answer"]["sources"] == shown  # everything the stream showed
+        assert turn["answer"]["queries"] == ["Eiffel Tower"] and turn["answer"]["searched"]
+        assert turn["answer"]["answer"] == text_of(frames) and SLOW.startswith(turn["answer"]["answer"][:30])
+        assert [c["n"] for c in turn["answer"]["citations"]] == [1]  # cited before the stop
+        assert "stopped by the user" in turn["answer"]["notes"]
+        await eventually(lambda: app.state.services.runner.slots_held == 0)
+
+
+async def test_a_failed_turn_is_stored_with_its_error(tokenizer_dir, corpus_backend, memory_factory):
+    down = EngineUnavailable("GPU host down")
+    app, _ = app_with(tokenizer_dir, corpus_backend, memory_factory(), down)
+    async with client_for(app) as client:
+        response = await client.post("/chat?websearch=off", json={"message": "q"}, headers=SSE)
+        frames = parse_sse(response.text)
+        assert [f["event"] for f in frames[-2:]] == ["error", "done"]
+        assert json.loads(frames[-1]["data"])["status"] == "failed"
+        meta = meta_of(frames)
+        [listed] = [c for c in (await client.get("/conversations")).json() if c["id"] == meta["conversation_id"]]
+        [turn] = (await client.get(f"/conversations/{listed['id']}")).json()["turns"]
+        assert turn["status"] == "failed" and turn["error"]["code"] == "engine_unavailable" and turn["question"] == "q"
+
+
+async def test_redis_killed_mid_turn_and_restarted_from_its_aof_loses_nothing(tokenizer_dir, corpus_backend, tmp_path):
+    server = RedisServer(tmp_path, persist=True).start()
+    memory = RedisMemory(server.url)
+    app, _ = app_with(
+        tokenizer_dir, corpus_backend, memory, call("Eiffel Tower"), SLOW, delay_s=0.02, settings=settings()
+    )
+    try:
+        async with client_for(app) as client:
+            frames, rest = await open_stream(client, tokens(2))
+            meta = meta_of(frames)
+            server.kill()
+            assert (await client.get("/readyz")).status_code == 503  # the store is down: not ready
+            await asyncio.sleep(3)
+            server.start()  # same port, same append-only file
+            frames = await asyncio.wait_for(rest, 40)
+            assert frames[-1]["event"] == "done" and json.loads(frames[-1]["data"])["status"] == "done"
+            assert text_of(frames) == SLOW.removesuffix("<|turn_end|>").replace("[citation:1]", "[1]")
+            await eventually(lambda: _ready(client), 10)  # and ready again
+            [turn] = (await client.get(f"/conversations/{meta['conversation_id']}")).json()["turns"]
+            assert (
+                turn["status"] == "done" and turn["answer"]["sources"] and turn["answer"]["answer"] == text_of(frames)
+            )
+            resumed = parse_sse((await client.get(f"/chat/{meta['message_id']}/events")).text)
+            assert text_of(resumed) == text_of(frames)  # the stored stream has every event, once
+            assert await memory.running_message(meta["conversation_id"]) is None
+            store = redis.from_url(server.url)
+            assert await store.zcard("megrez:slots:anonymous") == 0 and await store.zcard("megrez:leases") == 0
+            await store.aclose()
+            assert app.state.services.runner.slots_held == 0
+    finally:
+        server.stop()
+
+
+async def test_redis_gone_for_good_ends_the_stream_with_a_clear_error(tokenizer_dir, corpus_backend, tmp_path):
+    server = RedisServer(tmp_path).start()
+    app, _ = app_with(
+        tokenizer_dir, corpus_backend, RedisMemory(server.url), SLOW, delay_s=0.02, settings=settings(store_retry_s=1)
+    )
+    try:
+        async with client_for(app) as client:
+            frames, rest = await open_stream(client, tokens(2), url="/chat?websearch=off")
+            server.kill()
+            frames = await asyncio.wait_for(rest, 30)
+            assert [f["event"] for f in frames[-2:]] == ["error", "done"]
+            assert json.loads(frames[-2]["data"])["code"] == "store_unavailable"
+            assert json.loads(frames[-1]["data"])["status"] == "failed"
+            assert app.state.services.runner.slots_held == 0
+            assert (await client.get("/readyz")).status_code == 503
+    finally:
+        server.stop()
+
+
+async def test_a_replica_killed_mid_turn_is_failed_and_frees_the_conversation(
+    tokenizer_dir, corpus_backend, redis_url, tmp_path
+):
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps(d, ensure_ascii=False) + "\n" for d in DOCUMENTS), encoding="utf-8")
+    # The page harness's model searches with the question, then answers citing two contexts, slowly.
+    doomed = service_process(
+        redis_url, "--tokenizer", str(tokenizer_dir), "--corpus", str(corpus), "--lease-s", "1", "--delay-s", "0.05"
+    ).start()
+    survivor, _ = app_with(
+        tokenizer_dir, corpus_backend, RedisMemory(redis_url, lease_s=1), "Answered here.<|turn_end|>"
+    )
+    try:
+        async with client_for(survivor) as b, httpx.AsyncClient(base_url=f"http://127.0.0.1:{doomed.port}") as a:
+            await eventually(lambda: _ready(a), 60)
+            frames, rest = await open_stream(a, tokens(2), json={"message": "Who designed the Eiffel Tower?"})
+            meta, last = meta_of(frames), frames[-1]["id"]
+            doomed.kill()
+            with pytest.raises(httpx.HTTPError):
+                await asyncio.wait_for(rest, 10)  # the connection to the dead replica breaks
+            resumed = await asyncio.wait_for(
+                b.get(f"/chat/{meta['message_id']}/events", headers={"Last-Event-ID": last}), 20
+            )
+            tail = parse_sse(resumed.text)
+            assert [f["event"] for f in tail[-2:]] == ["error", "done"]
+            assert json.loads(tail[-2]["data"])["code"] == "interrupted"
+            assert json.loads(tail[-1]["data"])["status"] == "failed"
+            [turn] = (await b.get(f"/conversations/{meta['conversation_id']}")).json()["turns"]
+            assert turn["status"] == "failed" and turn["answer"]["sources"] and turn["answer"]["queries"]
+            assert turn["answer"]["answer"].startswith(text_of(frames))
+            stop = await b.post(f"/chat/{meta['message_id']}/stop")
+            assert stop.status_code == 200 and stop.json()["status"] == "failed"  # not a 504
+            follow_up = await b.post(
+                "/chat?websearch=off", json={"message": "again", "conversation_id": meta["conversation_id"]}
+            )
+            assert follow_up.status_code == 200 and follow_up.json()["answer"]["answer"] == "Answered here."
+            store = redis.from_url(redis_url)
+            assert await store.zscore("megrez:slots:anonymous", meta["message_id"]) is None
+            await store.aclose()
+    finally:
+        doomed.stop()
+
+
+async def _ready(client: httpx.AsyncClient) -> bool:
+    try:
+        return (await client.get("/readyz")).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+async def test_resume_on_another_replica_follows_a_turn_that_is_slow_between_tokens(
+    tokenizer_dir, corpus_backend, redis_url
+):
+    # Two pieces 6 s apart: longer than one blocking read (5 s), and than redis-py's default socket timeout.
+    slow, _ = app_with(
+        tokenizer_dir, corpus_backend, RedisMemory(redis_url), "Slow but sure.<|turn_end|>", chunk_chars=7, delay_s=6
+    )
+    other, _ = app_with(tokenizer_dir, corpus_backend, RedisMemory(redis_url))
+    async with client_for(slow) as a, client_for(other) as b:
+        frames, rest = await open_stream(a, lambda frames: len(frames) >= 1, url="/chat?websearch=off")
+        meta = meta_of(frames)
+        rest.cancel()  # this client leaves; the turn goes on
+        resumed = await asyncio.wait_for(b.get(f"/chat/{meta['message_id']}/events", timeout=30), 30)
+        frames = parse_sse(resumed.text)
+        assert frames[-1]["event"] == "done" and json.loads(frames[-1]["data"])["status"] == "done"
+        assert text_of(frames) == "Slow but sure."
+
+
+@pytest.mark.parametrize("route", ["/v1/chat/completions", "/chat"])
+async def test_clients_that_leave_early_release_every_slot(tokenizer_dir, corpus_backend, memory_factory, route):
+    memory = memory_factory()
+    app_settings = settings()
+    app, _ = app_with(
+        tokenizer_dir, corpus_backend, memory, default="Short answer. " * 20, delay_s=0.01, settings=app_settings
+    )
+    async with client_for(app) as client:
+
+        async def leave_after_first_chunk() -> int:
+            if route == "/chat":
+                request = {"url": "/chat?websearch=off", "json": {"message": "q"}, "headers": SSE}
+            else:
+                body = {"model": "megrez-search", "stream": True, "messages": [{"role": "user", "content": "q"}]}
+                request = {"url": route, "json": body}
+            async with client.stream("POST", **request) as response:
+                if response.status_code == 200:
+                    await response.aiter_bytes().__anext__()
+                return response.status_code
+
+        statuses = await asyncio.gather(*(leave_after_first_chunk() for _ in range(25)))
+        assert statuses.count(200) == app_settings.rate.concurrent_turns and set(statuses) <= {200, 429}
+        runner = app.state.services.runner
+        await eventually(lambda: runner.slots_held == 0, 15)  # the turns ended (/chat) or were closed (/v1)
+        if isinstance(memory, RedisMemory):
+            store = redis.from_url(memory_url(memory))
+            await eventually(lambda: _no_slots(store), 5)
+            await store.aclose()
+        again = await asyncio.gather(*(leave_after_first_chunk() for _ in range(8)))
+        assert again == [200] * 8  # all eight slots are free again
+
+
+async def _no_slots(store) -> bool:
+    return await store.zcard("megrez:slots:anonymous") == 0
