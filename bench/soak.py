@@ -39,9 +39,10 @@ from pathlib import Path
 
 import httpx
 
-from scripts.net import ChildServer, RedisServer, free_port
+from scripts.net import ChildServer, RedisServer, free_port, sse_frames
 from scripts.scripted_service import service_process
 
+FOLLOW_LIMIT_S = 60.0  # a turn here takes well under a second; a stream still open after this never ends
 DOCUMENTS = [
     {
         "url": f"https://soak.example.org/{i}",
@@ -70,22 +71,6 @@ class Tally:
     known: dict[str, str] = field(default_factory=dict)
 
 
-def _frames(buffer: str) -> tuple[list[dict], str]:
-    """The complete SSE frames in ``buffer`` (comments skipped), and the unfinished rest."""
-    *blocks, rest = buffer.replace("\r\n", "\n").split("\n\n")
-    out = []
-    for block in blocks:
-        frame: dict = {}
-        for line in block.split("\n"):
-            if line.startswith(":") or ":" not in line:
-                continue
-            key, _, value = line.partition(":")
-            frame[key] = frame.get(key, "") + value.removeprefix(" ")
-        if frame:
-            out.append(frame)
-    return out, rest
-
-
 class Clients:
     """The load: conversations on the replicas, following the page's habits."""
 
@@ -93,10 +78,18 @@ class Clients:
         self.urls, self.tally, self.rng = urls, tally, random.Random(seed)
         self.http = httpx.AsyncClient(timeout=httpx.Timeout(60, connect=2), limits=httpx.Limits(max_connections=None))
 
-    async def follow(self, response: httpx.Response | None, mid: str | None, began: float, leave: bool) -> None:
-        """Read a /chat stream to ``done``, resuming on any replica after a broken connection."""
-        last, seen_token, deadline = None, False, time.monotonic() + 120
-        while time.monotonic() < deadline:
+    async def follow(self, mid: str, began: float, leave: bool) -> None:
+        """Read a /chat stream to ``done`` within ``FOLLOW_LIMIT_S`` (heartbeats keep a stuck stream open
+        forever), resuming on any replica after a broken connection."""
+        try:
+            async with asyncio.timeout(FOLLOW_LIMIT_S):
+                await self._follow(mid, began, leave)
+        except TimeoutError:
+            self.tally.no_done += 1
+
+    async def _follow(self, mid: str, began: float, leave: bool) -> None:
+        last, seen_token, response = None, False, None
+        while True:
             try:
                 if response is None:
                     url = self.rng.choice(self.urls)
@@ -112,7 +105,7 @@ class Clients:
                 buffer = ""
                 async for chunk in response.aiter_text():
                     buffer += chunk
-                    frames, buffer = _frames(buffer)
+                    frames, buffer = sse_frames(buffer)
                     for frame in frames:
                         data = json.loads(frame["data"])
                         last = frame.get("id") or last
@@ -135,7 +128,6 @@ class Clients:
                     await response.aclose()
                 response = None
             await asyncio.sleep(0.2)
-        self.tally.no_done += 1
 
     async def chat_sse(self, url: str, cid: str | None, question: str) -> str | None:
         began = time.monotonic()
@@ -156,7 +148,7 @@ class Clients:
         try:
             async for chunk in response.aiter_text():
                 buffer += chunk
-                frames, buffer = _frames(buffer)
+                frames, buffer = sse_frames(buffer)
                 if frames and frames[0]["event"] == "meta":
                     meta = json.loads(frames[0]["data"])
                     break
@@ -169,7 +161,7 @@ class Clients:
         self.tally.started += 1
         self.tally.known[meta["message_id"]] = meta["conversation_id"]
         await response.aclose()  # follow() reads the stream again from the start, on any replica
-        await self.follow(None, meta["message_id"], began, leave=self.rng.random() < 0.2)
+        await self.follow(meta["message_id"], began, leave=self.rng.random() < 0.2)
         return meta["conversation_id"]
 
     async def chat_json(self, url: str, cid: str, question: str) -> str:

@@ -1,4 +1,4 @@
-"""Local networking helpers for tests and benchmarks: free ports, a private redis-server."""
+"""Local networking helpers for tests and benchmarks: free ports, child servers, a private redis-server, SSE frames."""
 
 from __future__ import annotations
 
@@ -121,3 +121,20 @@ class RedisServer(ChildServer):
         except RuntimeError as exc:
             raise RuntimeError(f"redis-server did not start: {exc}") from None
         return self
+
+
+def sse_frames(buffer: str) -> tuple[list[dict[str, str]], str]:
+    """The complete SSE frames in ``buffer`` as ``{"event", "id", "data"}`` dicts (comments skipped), and the
+    unfinished rest, to be completed by the next chunk."""
+    *blocks, rest = buffer.replace("\r\n", "\n").split("\n\n")
+    frames = []
+    for block in blocks:
+        frame: dict[str, str] = {}
+        for line in block.split("\n"):
+            if line.startswith(":") or ":" not in line:
+                continue
+            key, _, value = line.partition(":")
+            frame[key] = frame.get(key, "") + value.removeprefix(" ")
+        if frame:
+            frames.append(frame)
+    return frames, rest

@@ -23,6 +23,7 @@ from retrieval.pipeline import Retriever
 from retrieval.search.chain import SearchChain
 from retrieval.search.local import LocalCorpusBackend
 from scripts.megrez_tokenizer import build_megrez_tokenizer
+from scripts.net import sse_frames
 from scripts.scripted_engine import ScriptedEngine
 from scripts.tiny_models import serve_in_process
 
@@ -108,18 +109,8 @@ def call(query: str, name: str = "googleWebSearch") -> str:
 
 
 def parse_sse(text: str) -> list[dict]:
-    """SSE frames → [{"event", "id", "data"}] (comments skipped)."""
-    frames = []
-    for block in text.replace("\r\n", "\n").split("\n\n"):
-        frame: dict = {}
-        for line in block.split("\n"):
-            if line.startswith(":") or ":" not in line:
-                continue
-            key, _, value = line.partition(":")
-            frame[key] = frame.get(key, "") + value.removeprefix(" ")
-        if frame:
-            frames.append(frame)
-    return frames
+    """SSE frames → [{"event", "id", "data"}] (comments skipped; a last frame cut short counts)."""
+    return sse_frames(text + "\n\n")[0]
 
 
 @contextlib.asynccontextmanager
