@@ -9,6 +9,11 @@ turned out to be the model's words before a tool call (the UI moves it out of th
 end ``related`` (follow-up questions) and exactly one ``answer`` carrying :class:`Answer`. A turn
 that cannot be answered ends with one ``error`` instead.
 
+What a turn says about itself comes as codes with their values: a ``status`` has a :data:`StatusCode`
+and ``params`` (the query, page counts), each of ``Answer.notes`` a :data:`NoteCode` and ``params``, an
+``error`` an :data:`ErrorCode`. Each also carries its English ``message``, so a client that does not
+translate shows that, and one that does (the web page, in Chinese or English) words it itself.
+
 Every event is a pydantic model with a ``type`` literal, so :data:`Event` is a discriminated union:
 ``EVENT_ADAPTER.validate_json(...)`` reads any of them back, ``event.model_dump_json()`` writes it.
 The SSE stream of the API is exactly these (``event:`` = ``type``, ``data:`` = the JSON), and the
@@ -24,12 +29,44 @@ from __future__ import annotations
 import hashlib
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, Field, TypeAdapter
+from pydantic import BaseModel, Field, TypeAdapter, model_validator
 
 from agent.config import SearchMode
 from retrieval.events import PageEvent, SearchFailure
 
 StatusStage = Literal["prepare", "thinking", "searching", "reading", "answering", "checking", "related"]
+# What a ``status`` event says, for clients that show it in their own words (``params`` in brackets).
+StatusCode = Literal[
+    "thinking",  # the first generation
+    "writing_query",  # a forced search: the query is being written
+    "search_call",  # the model started a tool call
+    "repairing_call",  # the call was malformed; the model is asked again
+    "searching",  # {query}
+    "reading",  # {pages}: the results' pages are being read
+    "selected",  # {passages, pages}: the passages given to the model
+    "answering",  # a later generation: writing the answer
+    "checking",  # checking citations
+    "related",  # suggesting follow-up questions
+]
+# What went wrong on the way to an answer (``Answer.notes``), in the same spirit.
+NoteCode = Literal[
+    "history_trimmed",  # {dropped}: earlier turns left out to fit the context
+    "media_adjusted",  # {kind: image|audio, index (1-based), adjustment}: downscaled or cut to fit
+    "tool_call_retried",  # the model called the tool when it could not; asked again without the tool
+    "tool_call_ignored",  # the model called the tool when it could not; its call was ignored
+    "query_unusable",  # {error}: the forced query could not be used; answered without searching
+    "answer_cut",  # {tokens}: the answer reached its token limit
+    "search_failed",  # retrieval crashed (the detail is in the log); answered without sources
+    "search_empty",  # {query, reasons}: no results; answered without sources
+    "no_usable_text",  # no usable text in the results (or no room left for it); answered without sources
+    "pages_failed",  # every page failed: answered from the search snippets
+    "empty_answer",  # the model wrote no answer (a fixed apology stands in)
+    "no_related",  # no follow-up questions: the engine failed
+    "stopped",  # stopped by the user
+    "failed",  # {code: an ErrorCode}: the turn ended with an error
+    "interrupted",  # the server answering it stopped
+    "other",  # a note stored before codes existed: only ``message`` is meaningful
+]
 ErrorCode = Literal[
     "invalid_request",  # empty question, bad option
     "too_long",  # the question (with its media) cannot fit the model's context
@@ -80,6 +117,28 @@ class Timings(BaseModel):
     total_ms: float = 0.0
 
 
+class Note(BaseModel):
+    """Something that went wrong on the way to an answer: a code a client can translate, the English
+    sentence for those that do not, and the values the sentence names.
+
+    Example::
+
+        Note(code="history_trimmed", message="history trimmed: 2 earlier turn(s) left out to fit the context",
+             params={"dropped": 2})
+        Note.model_validate("a note stored as a plain string")  # code "other"
+    """
+
+    code: NoteCode
+    message: str
+    params: dict[str, str | int] = {}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _stored_as_text(cls, value: object) -> object:
+        # Records stored before notes had codes hold plain sentences; they stay readable.
+        return {"code": "other", "message": value} if isinstance(value, str) else value
+
+
 class Answer(BaseModel):
     """The structured answer of one turn."""
 
@@ -94,13 +153,18 @@ class Answer(BaseModel):
     related: list[str] = []
     usage: Usage = Usage()
     timings: Timings = Timings()
-    notes: list[str] = []  # what went wrong on the way, e.g. "all pages failed: answered from snippets"
+    notes: list[Note] = []  # what went wrong on the way, e.g. code "pages_failed"
 
 
 class StatusEvent(BaseModel):
+    """Where the turn is: ``stage`` groups the steps, ``code`` and ``params`` say which one for a client that
+    words it itself, ``message`` is the English line."""
+
     type: Literal["status"] = "status"
     stage: StatusStage
+    code: StatusCode
     message: str
+    params: dict[str, str | int] = {}
 
 
 class QueryEvent(BaseModel):

@@ -63,16 +63,22 @@ class Streamed:
 
 
 class _UsageMeter:
+    """One generation's tokens: completion tokens as the server counts them where it says (a remote server that
+    returns no token ids still reports its usage), else the token ids received."""
+
     def __init__(self) -> None:
-        self.prompt = self.completion = self.cached = 0
+        self.prompt = self.counted = self.cached = 0
+        self.reported: int | None = None
 
     def add(self, delta: Delta) -> None:
-        self.completion += len(delta.token_ids)
+        self.counted += len(delta.token_ids)
+        self.reported = delta.completion_tokens if delta.completion_tokens is not None else self.reported
         self.prompt = delta.prompt_tokens or self.prompt
         self.cached = delta.num_cached_tokens if delta.num_cached_tokens is not None else self.cached
 
     def usage(self) -> Usage:
-        return Usage(prompt_tokens=self.prompt, completion_tokens=self.completion, cached_tokens=self.cached)
+        completion = self.reported if self.reported is not None else self.counted
+        return Usage(prompt_tokens=self.prompt, completion_tokens=completion, cached_tokens=self.cached)
 
 
 async def _deltas(
@@ -143,7 +149,7 @@ async def stream_generation(
             if isinstance(event, TextEvent):
                 emit_text(event.text)
             elif isinstance(event, FunctionCallStarted):
-                write(StatusEvent(stage="searching", message="Searching…"))
+                write(StatusEvent(stage="searching", code="search_call", message="Searching…"))
             elif isinstance(event, FunctionCallEvent | FunctionCallError):
                 call = event
 

@@ -48,6 +48,7 @@ from agent.events import (
     CitationRef,
     ErrorCode,
     ErrorEvent,
+    Note,
     QueryEvent,
     RelatedEvent,
     SourcesEvent,
@@ -74,6 +75,9 @@ log = logging.getLogger(__name__)
 BAN = -100.0  # vLLM clamps logit_bias to ±100: enough to make a token impossible in practice
 ENGINE_UNAVAILABLE = "The model engine is unavailable right now; try again in a moment."
 ENGINE_FAILED = "The model engine could not answer this question."
+_THINKING = StatusEvent(stage="thinking", code="thinking", message="Thinking")
+_ANSWERING = StatusEvent(stage="answering", code="answering", message="Writing the answer")
+_CALLED_ANYWAY = "the model tried to call the search tool when it could not"
 
 
 def _fail(runtime: Runtime[TurnContext], code: ErrorCode, message: str) -> dict[str, Any]:
@@ -132,7 +136,7 @@ async def prepare(state: TurnState, runtime: Runtime[TurnContext]) -> dict[str, 
         request = media_request(ctx, [system, user], media, reserve_tokens=reserve + room_for_search)
     except MediaError as exc:
         return _fail(runtime, "invalid_media", str(exc))
-    notes: list[str] = []
+    notes: list[Note] = []
     if request is not None:
         notes += request.pop("notes")
         update |= request
@@ -149,7 +153,8 @@ async def prepare(state: TurnState, runtime: Runtime[TurnContext]) -> dict[str, 
     )
     update["history_messages"] = trimmed.messages
     if trimmed.dropped:
-        notes.append(f"history trimmed: {trimmed.dropped} earlier turn(s) left out to fit the context")
+        message = f"history trimmed: {trimmed.dropped} earlier turn(s) left out to fit the context"
+        notes.append(Note(code="history_trimmed", message=message, params={"dropped": trimmed.dropped}))
     return update | {"notes": notes}
 
 
@@ -179,7 +184,7 @@ async def generate(state: TurnState, runtime: Runtime[TurnContext]) -> dict[str,
             regex=FORCED_SEARCH_REGEX,
             stop_token_ids=stop_ids,
         )
-        write(StatusEvent(stage="searching", message="Writing a search query"))
+        write(StatusEvent(stage="searching", code="writing_query", message="Writing a search query"))
     else:
         ban = {} if tools or codec.function_start_id is None else {codec.function_start_id: BAN}
         sampling = Sampling(
@@ -191,8 +196,7 @@ async def generate(state: TurnState, runtime: Runtime[TurnContext]) -> dict[str,
             stop=tuple(config.stop),
             logit_bias=ban,
         )
-        stage, message = ("thinking", "Thinking") if rounds == 0 else ("answering", "Writing the answer")
-        write(StatusEvent(stage=stage, message=message))
+        write(_THINKING if rounds == 0 else _ANSWERING)
     first_token: list[float] = []
 
     def run(prompt_messages: list[Message]):
@@ -213,15 +217,15 @@ async def generate(state: TurnState, runtime: Runtime[TurnContext]) -> dict[str,
         # not tell us the token's id, or one that ignores logit_bias).
         return generation.kind in ("call", "call_error") and not tools and not force
 
-    notes: list[str] = []
+    notes: list[Note] = []
     try:
         out = await run(messages)
         usage = out.usage
         if called(out.generation) and not out.generation.text.strip():
             # Nothing to answer with: ask once more with the function left out of the system prompt. The
             # changed first message costs the prefix cache this once (a working ban keeps it).
-            notes.append("the model tried to call the search tool when it could not: asked again without the tool")
-            write(StatusEvent(stage="answering", message="Writing the answer"))
+            notes.append(Note(code="tool_call_retried", message=f"{_CALLED_ANYWAY}: asked again without the tool"))
+            write(_ANSWERING)
             out = await run([_without_tool(messages[0]), *messages[1:]])
             usage = add_usage(usage, out.usage)
     except EngineError as exc:
@@ -236,16 +240,18 @@ async def generate(state: TurnState, runtime: Runtime[TurnContext]) -> dict[str,
         # What came before the call is the answer, and the call is not kept.
         generation = Generation("answer", generation.text)
         message = Message("assistant", generation.text)
-        notes.append("the model tried to call the search tool when it could not: its call was ignored")
+        notes.append(Note(code="tool_call_ignored", message=f"{_CALLED_ANYWAY}: its call was ignored"))
     elif generation.kind == "call_error" and (force or state.get("repaired")):
         # Forced query unusable → answer without search; second bad call → force the search.
         update["tools_off" if force else "fallback"] = True
         if force:
-            notes.append(f"the search query could not be used ({generation.error}): answered without searching")
+            why = f"the search query could not be used ({generation.error}): answered without searching"
+            notes.append(Note(code="query_unusable", message=why, params={"error": generation.error}))
         update["generation"] = generation
         return update
     elif generation.kind == "answer" and out.finish_reason == "length":
-        notes.append(f"the answer was cut at {sampling.max_tokens} tokens")
+        cut = sampling.max_tokens
+        notes.append(Note(code="answer_cut", message=f"the answer was cut at {cut} tokens", params={"tokens": cut}))
     update["generation"] = generation
     if message is not None:
         update["turn"] = [message]
@@ -254,7 +260,9 @@ async def generate(state: TurnState, runtime: Runtime[TurnContext]) -> dict[str,
 
 async def repair(state: TurnState, runtime: Runtime[TurnContext]) -> dict[str, Any]:
     """Tell the model, once, what was wrong with its call (an observation, as the vendor does)."""
-    runtime.stream_writer(StatusEvent(stage="thinking", message="The search call was malformed; retrying"))
+    runtime.stream_writer(
+        StatusEvent(stage="thinking", code="repairing_call", message="The search call was malformed; retrying")
+    )
     return {"turn": [Message("observation", state["generation"].error)], "repaired": True}
 
 
@@ -266,7 +274,7 @@ async def search(state: TurnState, runtime: Runtime[TurnContext]) -> dict[str, A
     known = list(state.get("sources", []))
     start = len(state.get("contexts", [])) + 1
     write(QueryEvent(query=query, round=round_))
-    write(StatusEvent(stage="searching", message=f"Searching: {query}"))
+    write(StatusEvent(stage="searching", code="searching", message=f"Searching: {query}", params={"query": query}))
     # The template without contexts: what the observation costs before any passage is added.
     empty = Message("observation", render_observation(question, query, [], language=language))
     used = await ctx.codec.count([*_messages(state), empty], add_generation_prompt=True)
@@ -293,14 +301,22 @@ async def search(state: TurnState, runtime: Runtime[TurnContext]) -> dict[str, A
                     failures=event.failures,
                 )
             )
-            if event.results:
-                write(StatusEvent(stage="reading", message=f"Reading {len(event.results)} pages"))
+            if pages := len(event.results):
+                reading = f"Reading {pages} pages"
+                write(StatusEvent(stage="reading", code="reading", message=reading, params={"pages": pages}))
         elif isinstance(event, PageEvent):
             write(event)
         elif isinstance(event, SelectedEvent):
-            write(StatusEvent(stage="reading", message=f"Using {event.passages} passages from {event.pages} pages"))
+            write(
+                StatusEvent(
+                    stage="reading",
+                    code="selected",
+                    message=f"Using {event.passages} passages from {event.pages} pages",
+                    params={"passages": event.passages, "pages": event.pages},
+                )
+            )
 
-    notes: list[str] = []
+    notes: list[Note] = []
     update: dict[str, Any] = {"rounds": round_, "queries": [query]}
     try:
         found = await ctx.retriever.retrieve(
@@ -311,23 +327,26 @@ async def search(state: TurnState, runtime: Runtime[TurnContext]) -> dict[str, A
             on_event=on_event,
             today=ctx.clock().date(),
         )
-    except Exception as exc:  # retrieval reports expected failures as data; anything else must not kill the turn
+    except Exception:  # retrieval reports expected failures as data; anything else must not kill the turn
         log.exception("retrieval failed for %r", query)
-        found, notes = None, ["search failed: answered without sources"]  # the detail is in the log
+        found = None  # the detail is in the log
+        notes.append(Note(code="search_failed", message="search failed: answered without sources"))
         update["tools_off"] = True
     ended = time.monotonic()
     contexts = build_contexts(found.passages, known + new_sources, start=start) if found is not None else []
     if found is not None and not found.outcome.results:
         reasons = "; ".join(f"{b}: {r}" for b, r in found.outcome.failures)
-        notes.append(
+        message = (
             f"search found nothing for {query!r}" + (f" ({reasons})" if reasons else "") + ": answered without sources"
         )
+        notes.append(Note(code="search_empty", message=message, params={"query": query, "reasons": reasons}))
         if found.outcome.backend is None and found.outcome.failures:
             update["tools_off"] = True  # every backend is down: do not let the model try again
     elif found is not None and not contexts:
-        notes.append("no usable text in the search results (or no room left for it): answered without sources")
+        message = "no usable text in the search results (or no room left for it): answered without sources"
+        notes.append(Note(code="no_usable_text", message=message))
     elif found is not None and found.pages and all(p.source == "snippet" for p in found.pages):
-        notes.append("all pages failed: answered from snippets")
+        notes.append(Note(code="pages_failed", message="all pages failed: answered from snippets"))
     update |= {
         "turn": [Message("observation", observation_text(question, query, contexts, language=language))],
         "contexts": contexts,
@@ -345,7 +364,8 @@ async def cite(state: TurnState, runtime: Runtime[TurnContext]) -> dict[str, Any
     if not generation.text.strip():
         text = in_language(EMPTY_ANSWER, state["answer_language"])
         runtime.stream_writer(TokenEvent(text=text))
-        return {"answer_text": text, "citations": [], "notes": ["the model wrote no answer"]}
+        empty = Note(code="empty_answer", message="the model wrote no answer")
+        return {"answer_text": text, "citations": [], "notes": [empty]}
     by_n = {s.n: s for s in state.get("sources", [])}
     passages = passages_by_source(state.get("contexts", []))
     citations = [
@@ -360,7 +380,7 @@ async def check(state: TurnState, runtime: Runtime[TurnContext]) -> dict[str, An
     citations = state.get("citations", [])
     if not citations:
         return {}
-    runtime.stream_writer(StatusEvent(stage="checking", message="Checking citations"))
+    runtime.stream_writer(StatusEvent(stage="checking", code="checking", message="Checking citations"))
     passages = {c.n: c.passage for c in citations}
     worst: dict[int, tuple[bool, float]] = {}
     for claim in cited_claims(state["answer_text"], state["generation"].spans):
@@ -383,7 +403,7 @@ async def related(state: TurnState, runtime: Runtime[TurnContext]) -> dict[str, 
     ctx = runtime.context
     if not (ctx.config.related and state.get("rounds", 0) and state["generation"].text.strip()):
         return {}
-    runtime.stream_writer(StatusEvent(stage="related", message="Suggesting follow-up questions"))
+    runtime.stream_writer(StatusEvent(stage="related", code="related", message="Suggesting follow-up questions"))
     try:
         questions, usage = await related_questions(
             ctx,
@@ -395,7 +415,7 @@ async def related(state: TurnState, runtime: Runtime[TurnContext]) -> dict[str, 
         )
     except EngineError as exc:  # notes reach every visitor: the engine's own text (addresses) goes to the log
         log.warning("no follow-up questions: %s", exc)
-        return {"notes": ["no follow-up questions: the model engine failed"]}
+        return {"notes": [Note(code="no_related", message="no follow-up questions: the model engine failed")]}
     if questions:
         runtime.stream_writer(RelatedEvent(questions=questions))
     return {"related": questions, "usage": usage}

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from typing import Any, Final
 
 from agent.context import TurnContext
-from agent.events import MediaRef
+from agent.events import MediaRef, Note
 from agent.state import MediaItem
 from engine.base import media_refusal
 from engine.omni.errors import MediaError
@@ -85,5 +85,13 @@ def media_request(
         "multimodal": request.multimodal,
         "media_tokens": request.prompt_tokens - len(request.prompt_ids),
         "media_refs": [MediaRef.of(m.kind, m.data) for m in media],
-        "notes": [f"{r.kind} {r.index + 1}: {r.adjustment}" for r in request.media if r.adjustment],
+        "notes": [
+            Note(
+                code="media_adjusted",
+                message=f"{r.kind} {r.index + 1}: {r.adjustment}",
+                params={"kind": r.kind, "index": r.index + 1, "adjustment": r.adjustment},
+            )
+            for r in request.media
+            if r.adjustment
+        ],
     }

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Annotated, Any, Literal, TypedDict
 
 from agent.config import SearchMode
-from agent.events import Answer, CitationRef, MediaRef, Source, TurnRecord, Usage
+from agent.events import Answer, CitationRef, MediaRef, Note, Source, TurnRecord, Usage
 from engine.protocol import MediaKind, Message
 
 
@@ -96,7 +96,7 @@ class TurnState(TurnInput, TurnOutput, total=False):
     sources: Annotated[list[Source], operator.add]
     contexts: Annotated[list[Context], operator.add]
     queries: Annotated[list[str], operator.add]
-    notes: Annotated[list[str], operator.add]
+    notes: Annotated[list[Note], operator.add]
     usage: Annotated[Usage, add_usage]
     search_ms: Annotated[float, operator.add]
     read_ms: Annotated[float, operator.add]

@@ -23,7 +23,11 @@
 
 What each state tells whom: :meth:`EngineState.check` raises :class:`EngineNotReady` with a plain
 ``message`` for anyone and a ``detail`` for operators (``/readyz`` to key holders, logs); the
-:attr:`EngineState.status` word (``loading``, ``ready``, ``unavailable``) is what a page may show a visitor.
+:attr:`EngineState.status` word (``loading``, ``ready``, ``unavailable``) is what a page may show a visitor,
+and :attr:`EngineState.setup` what must change before it can answer, as a code the page words itself
+(``GET /info``'s ``setup``): ``engine_weights_missing`` (no weights here and no hub to fetch them from —
+logged as one line naming the two ways forward, no traceback: nothing in it would help),
+``engine_server_unreachable`` (the remote server, still retried) or ``engine_failed`` (anything else).
 """
 
 from __future__ import annotations
@@ -34,16 +38,38 @@ import math
 import time
 from typing import Literal
 
-from engine.base import Engine, Health
+from pydantic import BaseModel
+
+from engine.base import Engine, EngineUnavailable, Health
 from engine.config import EngineConfig
+from engine.vllm_engine import WeightsMissing
 
 log = logging.getLogger(__name__)
 
 Status = Literal["loading", "ready", "unavailable"]
+SetupCode = Literal[
+    "engine_weights_missing",  # {model}: neither a local folder nor in the hub cache, and the hub cannot be reached
+    "engine_server_unreachable",  # {url} (to key holders): the remote engine's server does not answer
+    "engine_failed",  # another start failure: the detail is in the log and /readyz
+    "search_no_backend",  # {backends}: no search backend can work (skipped, or unreachable)
+]
 
 # A guard around a probe, for an engine whose own check could hang; both engines bound theirs.
 PROBE_TIMEOUT_S = 10.0
 LOADING_RETRY_AFTER_S = 5
+
+
+class SetupHint(BaseModel):
+    """Something to set up before the service works fully, for ``GET /info``: a code a client words itself,
+    and the values it names.
+
+    Example::
+
+        SetupHint(code="engine_weights_missing", params={"model": "Infinigence/Megrez-3B-Instruct"})
+    """
+
+    code: SetupCode
+    params: dict[str, str] = {}
 
 
 class EngineNotReady(Exception):
@@ -80,6 +106,7 @@ class EngineState:
         self.healthy = False  # the last probe (or the start) succeeded
         self.failed = False  # the start failed for good (an engine whose start is not retried)
         self.problem: str | None = None  # the last failure, for operators
+        self.setup: SetupHint | None = None  # what to change before the engine can start (None: nothing known)
         self.attempts = 0  # start attempts so far
         self._next_attempt: float | None = None  # monotonic time of the next start attempt
 
@@ -107,8 +134,12 @@ class EngineState:
                 await self.engine.start()
             except Exception as exc:
                 self.problem = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+                self.setup = self._hint(exc)
                 if not self.engine.start_retryable:
-                    log.exception("the model engine did not start (not retried: fix the configuration and restart)")
+                    if isinstance(exc, WeightsMissing):  # its one line says it all: a traceback would add nothing
+                        log.error("the model engine cannot start: %s", exc)
+                    else:
+                        log.exception("the model engine did not start (not retried: fix the configuration and restart)")
                     self.failed = True
                     return False
                 delay = min(max(delay, 0.1), self.config.start_retry_max_s)
@@ -122,12 +153,19 @@ class EngineState:
                 await asyncio.sleep(delay)
                 self._next_attempt, delay = None, delay * 2
                 continue
-            self.problem, self.healthy = None, True
+            self.problem, self.setup, self.healthy = None, None, True
             self.started.set()
             log.info(
                 "the model engine is ready (%s, %s, attempt %d)", self.engine.backend, self.engine.model, self.attempts
             )
             return True
+
+    def _hint(self, exc: Exception) -> SetupHint:
+        if isinstance(exc, WeightsMissing):
+            return SetupHint(code="engine_weights_missing", params={"model": exc.model})
+        if isinstance(exc, EngineUnavailable):  # a remote server that cannot be reached (refused, timed out, 502)
+            return SetupHint(code="engine_server_unreachable", params={"url": self.config.openai_base_url})
+        return SetupHint(code="engine_failed")
 
     async def probe(self) -> Health:
         """Ask the engine how it is, and remember the answer (logged when it changes)."""

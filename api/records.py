@@ -26,6 +26,7 @@ from agent.events import (
     CitationEvent,
     CitationRef,
     Event,
+    Note,
     PreambleEvent,
     QueryEvent,
     RelatedEvent,
@@ -53,10 +54,10 @@ def agent_events(stored: Iterable[StoredEvent]) -> list[Event]:
 
 
 def partial_record(
-    start: MessageStart, events: Sequence[Event], *, note: str, mode: SearchMode | None = None
+    start: MessageStart, events: Sequence[Event], *, note: Note, mode: SearchMode | None = None
 ) -> TurnRecord:
-    """The record of an unfinished turn from the events it streamed; ``note`` says how it ended
-    (e.g. "stopped by the user"); ``mode`` is the search mode, when known."""
+    """The record of an unfinished turn from the events it streamed; ``note`` says how it ended (code
+    ``stopped``, ``failed`` or ``interrupted``); ``mode`` is the search mode, when known."""
     for event in events:
         if isinstance(event, AnswerEvent):  # the answer was complete: keep it whole
             answer = event.answer.model_copy(update={"notes": [*event.answer.notes, note]})

@@ -40,7 +40,7 @@ from typing import Any, TypeVar
 
 from agent import Agent
 from agent.config import SearchMode
-from agent.events import ErrorEvent, Event, MediaRef, TokenEvent, TurnRecord
+from agent.events import ErrorEvent, Event, MediaRef, Note, TokenEvent, TurnRecord
 from agent.state import MediaItem
 from agent.turn import INTERNAL_ERROR
 from api.logs import MESSAGE_ID
@@ -298,7 +298,15 @@ class TurnRunner:
         await asyncio.shield(ending)
 
     def _partial(self, mid: str, running: _Running, status: MessageStatus, error: ErrorEvent | None = None):
-        note = "stopped by the user" if status == "stopped" else f"failed: {error.message if error else ''}"
+        note = (
+            Note(code="stopped", message="stopped by the user")
+            if status == "stopped"
+            else Note(
+                code="failed",
+                message=f"failed: {error.message if error else ''}",
+                params={"code": error.code} if error else {},
+            )
+        )
         record = partial_record(running.start, running.events, note=note, mode=running.mode)
         return StoredTurn(message_id=mid, record=record, status=status, error=error)
 

@@ -1,5 +1,10 @@
 """vLLM embedded in this process (``AsyncLLM``), streaming deltas.
 
+Before vLLM starts, :func:`check_weights` makes sure the weights can be had: a local folder, a copy in
+the Hugging Face cache, or a hub that answers (one request, bounded). A machine without any of them —
+the first ``make run`` offline — gets :class:`WeightsMissing` in well under a second, with the two ways
+forward, instead of vLLM's retries against an unreachable hub (≈23 s) and two tracebacks.
+
 vLLM runs its EngineCore (and, on CPU, a worker) in *spawned* processes, so every program that
 starts this engine needs its entry point under ``if __name__ == "__main__":``. The spawned worker
 imports that ``__main__`` module again and then scans every loaded module; llvmlite (numba, which
@@ -12,8 +17,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+import httpx
 
 from engine.base import (
     MEDIA_KINDS,
@@ -37,6 +46,50 @@ if TYPE_CHECKING:
     from vllm.v1.engine.async_llm import AsyncLLM
 
 log = logging.getLogger(__name__)
+
+HUB_PROBE_TIMEOUT_S = 5.0  # the hub answers in well under a second where it can be reached at all
+WAYS_FORWARD = (
+    "point MEGREZ_ENGINE__MODEL at a folder with the weights (MEGREZ_ENGINE__MODEL=/path/to/weights), or use a "
+    "remote engine (MEGREZ_ENGINE__BACKEND=openai MEGREZ_ENGINE__OPENAI_BASE_URL=http://gpu-host:8000)"
+)
+
+
+class WeightsMissing(EngineError):
+    """The model's weights are not on this machine and cannot be downloaded: configuration to fix, so the
+    message says how (one line, for the log and ``/readyz``); ``model`` is the configured name."""
+
+    def __init__(self, model: str, why: str) -> None:
+        super().__init__(f"the model {model} cannot be loaded: {why}; {WAYS_FORWARD}")
+        self.model = model
+
+
+def check_weights(model: str, revision: str | None = None) -> None:
+    """Return if vLLM can find ``model``'s weights: a local folder, a snapshot in the Hugging Face cache, or a
+    hub that answers within :data:`HUB_PROBE_TIMEOUT_S` (vLLM then downloads them); raise
+    :class:`WeightsMissing` otherwise. ``revision``: the hub revision the engine will load. With
+    ``VLLM_USE_MODELSCOPE`` vLLM fetches from ModelScope instead, whose cache this does not know: no check."""
+    modelscope = os.environ.get("VLLM_USE_MODELSCOPE", "").strip().lower() in ("1", "true")  # as vllm.envs reads it
+    if modelscope or Path(model).expanduser().is_dir():
+        return
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+
+    try:
+        snapshot_download(model, revision=revision, local_files_only=True)
+        return
+    except HFValidationError:
+        raise WeightsMissing(model, "it is neither a folder on this machine nor a Hugging Face hub id") from None
+    except LocalEntryNotFoundError:
+        pass
+    where = "it is not a folder on this machine nor in the Hugging Face cache"
+    if constants.HF_HUB_OFFLINE:
+        raise WeightsMissing(model, f"{where}, and HF_HUB_OFFLINE forbids downloading it")
+    try:
+        # Any answer will do: vLLM's own download then says what is wrong (a private or misspelt model).
+        httpx.head(f"{constants.ENDPOINT}/api/models/{model}", timeout=HUB_PROBE_TIMEOUT_S)
+    except httpx.HTTPError as exc:
+        why = f"{where}, and the hub ({constants.ENDPOINT}) cannot be reached ({type(exc).__name__}: {exc})"
+        raise WeightsMissing(model, why) from None
 
 
 class VLLMEngine(Engine):
@@ -73,12 +126,15 @@ class VLLMEngine(Engine):
         return MEDIA_KINDS if self._llm is not None and self._llm.model_config.is_multimodal_model else frozenset()
 
     async def start(self) -> None:
+        """Check the weights can be had (:func:`check_weights`), then load the model; raises
+        :class:`WeightsMissing` at once when they cannot, vLLM's errors otherwise."""
         if self._llm is not None:
             return
+        c = self.config
+        await asyncio.to_thread(check_weights, c.model, c.revision)  # the cache lookup reads the disk
         from vllm import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        c = self.config
         args = AsyncEngineArgs(
             model=c.model,
             tokenizer=c.tokenizer,

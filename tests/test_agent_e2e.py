@@ -13,11 +13,12 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import get_args
 
 import pytest
 import pytest_asyncio
 
-from agent.events import AnswerEvent, ErrorEvent, TokenEvent
+from agent.events import AnswerEvent, ErrorCode, NoteCode, StatusCode, TokenEvent
 from retrieval.search.chain import SearchChain
 from scripts.fixture_web import WebSearch
 from scripts.tiny_models import serve_in_process
@@ -115,10 +116,10 @@ async def test_ask_command_reports_an_unreachable_engine(tmp_path):
     assert "did not start" in err and "127.0.0.1" in err and "Traceback" not in err
 
 
-def test_error_event_codes_are_documented():
-    codes = ErrorEvent.model_fields["code"].annotation.__args__
+@pytest.mark.parametrize("codes", [ErrorCode, NoteCode, StatusCode], ids=["error", "note", "status"])
+def test_event_codes_are_documented(codes):
     readme = (PROJECT / "README.md").read_text(encoding="utf-8")
-    assert all(f"`{code}`" in readme for code in codes)
+    assert [code for code in get_args(codes) if f"`{code}`" not in readme] == []
 
 
 async def test_two_api_processes_share_one_redis_and_one_remote_engine(remote_url, redis_url, tmp_path):

@@ -6,13 +6,18 @@ import pytest
 
 from agent.events import (
     EVENT_ADAPTER,
+    Answer,
     AnswerEvent,
     CitationEvent,
     ErrorEvent,
+    Note,
     PreambleEvent,
     RelatedEvent,
     SourcesEvent,
+    StatusEvent,
     TokenEvent,
+    TranscriptMessage,
+    TurnRecord,
 )
 from engine.base import EngineError, EngineUnavailable
 from engine.protocol import (
@@ -263,7 +268,7 @@ async def test_empty_model_output_gets_a_fallback_message(tokenizer_dir, corpus_
     eng = engine(tokenizer_dir, "<|turn_end|>")
     events = await collect(make_agent(eng, make_retriever(corpus_backend)).run(QUESTION))
     answer = final(events).answer
-    assert answer.answer == EMPTY_ANSWER["English"] and "the model wrote no answer" in answer.notes
+    assert answer.answer == EMPTY_ANSWER["English"] and [n.code for n in answer.notes] == ["empty_answer"]
     assert [e.text for e in events if isinstance(e, TokenEvent)] == [EMPTY_ANSWER["English"]]
 
 
@@ -286,7 +291,9 @@ async def test_all_backends_down_answers_without_sources(tokenizer_dir):
     ban = eng.tokenizer.convert_tokens_to_ids("<|function_start|>")
     assert eng.requests[1].sampling.logit_bias == {ban: -100.0}  # rounds remain, but no backend works
     assert answer.answer == "From memory: Gustave Eiffel." and answer.sources == [] and answer.citations == []
-    assert any("answered without sources" in note and "connection refused" in note for note in answer.notes)
+    (empty,) = [n for n in answer.notes if n.code == "search_empty"]
+    assert empty.params == {"query": "Eiffel Tower", "reasons": "down: unavailable: connection refused"}
+    assert "connection refused" in empty.message  # the English sentence for clients that do not translate
 
 
 async def test_closing_the_stream_aborts_the_engine_request(tokenizer_dir, corpus_backend):
@@ -401,7 +408,7 @@ async def test_a_call_the_engine_could_not_ban_is_ignored(tokenizer_dir, corpus_
     answer = final(await collect(turn)).answer
     assert eng.requests[0].sampling.logit_bias == {}  # nothing to ban by id
     assert answer.answer == "Four. " and not answer.searched and len(eng.requests) == 1
-    assert any("could not" in note for note in answer.notes)
+    assert [n.code for n in answer.notes] == ["tool_call_ignored"]
     assert turn.record.transcript[0].function_call is None
 
 
@@ -427,7 +434,7 @@ async def test_a_call_with_nothing_before_it_is_asked_again_without_the_tool(tok
     assert systems[2] == ("system", system_prompt(NOW, search=False))  # the retry: the tool left out
     assert [m[0] for m in eng.messages(eng.requests[2])[1:-1]] == ["user", "assistant", "observation"]
     assert answer.answer == "Gustave Eiffel's company built it [1]." and answer.rounds == 1
-    assert any("asked again without the tool" in note for note in answer.notes)
+    assert "tool_call_retried" in [n.code for n in answer.notes]
     assert [m.role for m in turn.record.transcript] == ["assistant", "observation", "assistant"]
 
 
@@ -468,7 +475,7 @@ async def test_every_page_failing_answers_from_snippets(tokenizer_dir):
     answer = final(events).answer
     pages = [e for e in events if isinstance(e, PageEvent)]
     assert len(pages) == 3 and all(p.source == "snippet" and p.error for p in pages)
-    assert "all pages failed: answered from snippets" in answer.notes
+    assert "pages_failed" in [n.code for n in answer.notes]
     assert answer.citations and all("snippet" in c.passage for c in answer.citations)
 
 
@@ -482,7 +489,7 @@ async def test_results_without_usable_text_answer_without_sources(tokenizer_dir)
     eng = engine(tokenizer_dir, call("Eiffel Tower"), "I could not find it.<|turn_end|>", RELATED)
     answer = final(await collect(make_agent(eng, make_retriever(EmptyResults())).run(QUESTION))).answer
     assert observation_of(eng, 1) == NO_RESULTS and answer.citations == []
-    assert any(note.startswith("no usable text in the search results") for note in answer.notes)
+    assert [n.code for n in answer.notes] == ["no_usable_text"]
 
 
 async def test_an_engine_down_before_the_first_generation_ends_with_an_error_event(tokenizer_dir, corpus_backend):
@@ -492,3 +499,45 @@ async def test_an_engine_down_before_the_first_generation_ends_with_an_error_eve
 
     error = final(await collect(make_agent(Down(tokenizer_dir), make_retriever(corpus_backend)).run(QUESTION)))
     assert error.code == "engine_unavailable" and "gpu-host" not in error.message and "gpu-host" in error.detail
+
+
+async def test_statuses_and_notes_are_codes_with_their_values(tokenizer_dir, corpus_backend):
+    """A client words each step itself (the page, in Chinese or English): the code and the values it names
+    come with every status and note, the English sentence beside them."""
+    eng = engine(tokenizer_dir, call("Eiffel Tower designer"), cite_all, RELATED)
+    events = await collect(make_agent(eng, make_retriever(corpus_backend)).run(QUESTION))
+    selected = next(e for e in events if isinstance(e, StatusEvent) and e.code == "selected")
+    pages = len(final(events).answer.sources)
+    assert [(e.stage, e.code, e.params) for e in events if isinstance(e, StatusEvent)] == [
+        ("thinking", "thinking", {}),
+        ("searching", "search_call", {}),
+        ("searching", "searching", {"query": "Eiffel Tower designer"}),
+        ("reading", "reading", {"pages": pages}),
+        ("reading", "selected", {"passages": selected.params["passages"], "pages": selected.params["pages"]}),
+        ("answering", "answering", {}),
+        ("checking", "checking", {}),
+        ("related", "related", {}),
+    ]
+    assert 0 < selected.params["pages"] <= selected.params["passages"]
+    assert selected.message == f"Using {selected.params['passages']} passages from {selected.params['pages']} pages"
+
+    # History that cannot fit: the note says how many turns were left out, as a number.
+    long = "The tower is made of wrought iron. " * 60
+    earlier = [
+        TurnRecord(
+            question=f"q{i}", transcript=[TranscriptMessage(role="assistant", content=long)], answer=Answer(answer=long)
+        )
+        for i in range(6)
+    ]
+    eng = engine(tokenizer_dir, "Hello.<|turn_end|>", max_len=2048)
+    turn = make_agent(eng, make_retriever(corpus_backend), answer_tokens=256).run("Hi", mode="off", history=earlier)
+    (note,) = final(await collect(turn)).answer.notes
+    assert note.code == "history_trimmed" and isinstance(note.params["dropped"], int) and note.params["dropped"] >= 1
+    assert note.message == f"history trimmed: {note.params['dropped']} earlier turn(s) left out to fit the context"
+
+
+def test_a_note_stored_as_a_sentence_reads_back_as_code_other():
+    stored = '{"answer": "a", "notes": ["all pages failed: answered from snippets"]}'
+    (note,) = Answer.model_validate_json(stored).notes
+    assert note == Note(code="other", message="all pages failed: answered from snippets")
+    assert Answer.model_validate_json(Answer(answer="a", notes=[note]).model_dump_json()).notes == [note]

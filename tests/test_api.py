@@ -115,7 +115,7 @@ async def test_stop_mid_stream_aborts_and_saves_the_partial_answer(tokenizer_dir
         turn = (await client.get(f"/conversations/{meta['conversation_id']}")).json()["turns"][0]
         partial = turn["answer"]["answer"]
         assert turn["status"] == "stopped" and partial and long.startswith(partial) and len(partial) < 1000
-        assert "stopped by the user" in turn["answer"]["notes"]
+        assert {"code": "stopped", "message": "stopped by the user", "params": {}} in turn["answer"]["notes"]
         tail = parse_sse((await client.get(f"/chat/{meta['message_id']}/events")).text)
         assert json.loads(tail[-1]["data"])["status"] == "stopped"
 

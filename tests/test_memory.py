@@ -331,6 +331,7 @@ async def test_a_dead_replicas_turn_is_reaped_with_what_it_showed(redis_url):
     [stored] = await alive.turns(conv.id)
     assert stored.status == "failed" and stored.error.code == "interrupted" and stored.record.media == list(media)
     assert stored.record.answer.answer == "Gustave Eiffel's company"
+    assert [n.code for n in stored.record.answer.notes] == ["interrupted"]
     assert [s.url for s in stored.record.answer.sources] == ["https://e.org/a"]
     assert stored.record.answer.queries == ["eiffel tower designer"]
     assert await alive.running_message(conv.id) is None  # the conversation is free

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from retrieval.markdown import markdown_text
 from retrieval.search import local
 from retrieval.search.base import MAX_TITLE_CHARS, BackendMisconfigured
 from retrieval.search.chain import SearchChain
@@ -317,3 +318,57 @@ async def test_a_lone_surrogate_in_a_jsonl_row_does_not_break_the_corpus(tmp_pat
     found = await backend.search("surrogate pairs", k=2)
     assert [r.url for r in found] == ["https://e.org/odd"] and "\ud800" not in found[0].title
     assert (await LocalCorpusBackend(corpus, tmp_path / "index").search("green tea", k=1))[0].url == "https://e.org/ok"
+
+
+EIFFEL_MD = """---
+date: 2024-05-01
+---
+# Eiffel Tower
+
+The **tower** was designed by [Gustave Eiffel's company](https://example.org/eiffel) in 1887,
+`wrought iron` ~~steel~~ throughout. ![A tower at dusk](dusk.png)
+
+## Visiting
+
+- Tickets are sold *online*.
+- Lifts run <span>every day</span>.
+
+| Level | Height |
+|---|---|
+| Top | 276 m |
+"""
+
+
+async def test_markdown_documents_are_read_as_plain_text(tmp_path: Path):
+    """A card shows, and the model reads, what a reader of the page sees: no heading marks, emphasis, link
+    targets or table rules; the heading that gave the title is the title, not the passage's second line."""
+    from retrieval.config import FetchConfig, SelectConfig
+    from retrieval.fetch import Fetcher
+    from retrieval.pipeline import Retriever
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "eiffel.md").write_text(EIFFEL_MD, encoding="utf-8")
+    backend = LocalCorpusBackend(corpus, tmp_path / "index")
+    (hit,) = await backend.search("who designed the eiffel tower", k=3)
+    assert hit.title == "Eiffel Tower" and hit.published == "2024-05-01"
+    assert hit.snippet.startswith("The tower was designed by Gustave Eiffel's company in 1887")
+    assert backend.document(hit.url)["text"] == (
+        "The tower was designed by Gustave Eiffel's company in 1887,\n"
+        "wrought iron steel throughout. A tower at dusk\n"
+        "Visiting\n"
+        "Tickets are sold online.\n"
+        "Lifts run every day.\n"
+        "Level | Height\n"
+        "Top | 276 m"
+    )
+    async with Retriever(SearchChain([backend]), Fetcher(FetchConfig()), SelectConfig()) as retriever:
+        found = await retriever.retrieve("who designed the eiffel tower")
+    assert found.passages[0].text.startswith("Eiffel Tower\nThe tower was designed by Gustave Eiffel's company")
+
+
+def test_a_markdown_title_from_front_matter_drops_the_heading_that_repeats_it():
+    doc = markdown_text("---\ntitle: 'Rivers'\n---\n# Rivers\n\n# Danube\n\nIt flows east.\n")
+    assert (doc.title, doc.text) == ("Rivers", "Danube\nIt flows east.")  # another heading is text
+    setext = markdown_text("Rivers of Europe\n================\n\nThe Rhine *too*.\n")
+    assert (setext.title, setext.text) == ("Rivers of Europe", "The Rhine too.")

@@ -133,7 +133,7 @@ async def test_a_stopped_turn_is_stored_with_what_the_user_saw(tokenizer_dir, co
         assert turn["answer"]["queries"] == ["Eiffel Tower"] and turn["answer"]["searched"]
         assert turn["answer"]["answer"] == text_of(frames) and SLOW.startswith(turn["answer"]["answer"][:30])
         assert [c["n"] for c in turn["answer"]["citations"]] == [1]  # cited before the stop
-        assert "stopped by the user" in turn["answer"]["notes"]
+        assert {"code": "stopped", "message": "stopped by the user", "params": {}} in turn["answer"]["notes"]
         await eventually(lambda: app.state.services.runner.slots_held == 0)
 
 
@@ -149,6 +149,8 @@ async def test_a_failed_turn_is_stored_with_its_error(tokenizer_dir, corpus_back
         [listed] = [c for c in (await client.get("/conversations")).json() if c["id"] == meta["conversation_id"]]
         [turn] = (await client.get(f"/conversations/{listed['id']}")).json()["turns"]
         assert turn["status"] == "failed" and turn["error"]["code"] == "engine_unavailable" and turn["question"] == "q"
+        [note] = turn["answer"]["notes"]  # how it ended, as a code a page can word (the error's code with it)
+        assert note["code"] == "failed" and note["params"] == {"code": "engine_unavailable"}
 
 
 async def test_redis_killed_mid_turn_and_restarted_from_its_aof_loses_nothing(tokenizer_dir, corpus_backend, tmp_path):
@@ -271,7 +273,7 @@ async def test_resume_on_another_replica_follows_a_turn_that_is_slow_between_tok
         assert text_of(frames) == "Slow but sure."
 
 
-@pytest.mark.parametrize("route", ["/v1/chat/completions", "/chat"])
+@pytest.mark.parametrize("route", ["/v1/chat/completions", "/v1/responses", "/chat"])
 async def test_clients_that_leave_early_release_every_slot(tokenizer_dir, corpus_backend, memory_factory, route):
     memory = memory_factory()
     app_settings = settings()
@@ -283,6 +285,8 @@ async def test_clients_that_leave_early_release_every_slot(tokenizer_dir, corpus
         async def leave_after_first_chunk() -> int:
             if route == "/chat":
                 request = {"url": "/chat?websearch=off", "json": {"message": "q"}, "headers": SSE}
+            elif route == "/v1/responses":
+                request = {"url": route, "json": {"model": "megrez-search", "input": "q", "stream": True}}
             else:
                 body = {"model": "megrez-search", "stream": True, "messages": [{"role": "user", "content": "q"}]}
                 request = {"url": route, "json": body}

@@ -1,4 +1,13 @@
-"""The fallback chain: try each backend in turn under a time limit, cache what answered."""
+"""The fallback chain: try each backend in turn under a time limit, cache what answered.
+
+Whether search can work at all is found out once, in the background, when the service first asks
+(:meth:`SearchChain.probe`): one request per backend to the service behind it (DuckDuckGo, the SearXNG
+instance, serper.dev), bounded by the chain's time limit, so a start is never slower for it and no
+search quota is spent. When none answers — the first run on a machine without internet, with no
+local corpus — one log line says so and what to do, and :attr:`SearchChain.unreachable` tells the
+service's ``/info``. A backend without such an address (a local corpus, a test's) counts as working,
+and the first search a backend answers clears the verdict.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +15,7 @@ import asyncio
 import hashlib
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
 import httpx
@@ -28,6 +37,7 @@ from retrieval.types import SearchResult
 log = logging.getLogger(__name__)
 
 _KIND = {RateLimited: "rate limited", BackendMisconfigured: "misconfigured", BackendUnavailable: "unavailable"}
+OFFLINE_SEARCH = "MEGREZ_SEARCH__BACKENDS='[\"local\"]' MEGREZ_SEARCH__CORPUS_PATH=/path/to/docs"
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,11 +71,16 @@ class SearchChain:
         language: str | None = None,
         client: httpx.AsyncClient | None = None,
         skipped: Sequence[tuple[str, str]] = (),
+        probes: Mapping[str, str] | None = None,
     ) -> None:
         """``client`` is an HTTP client the chain owns and closes in ``aclose``; ``skipped`` records
-        configured backends left out (name, reason) so the service can show them."""
+        configured backends left out (name, reason) so the service can show them; ``probes`` maps a backend's
+        name to an address that answers whenever the backend's service can be reached (:meth:`probe`)."""
         self.backends = list(backends)
         self.skipped = list(skipped)
+        self.unreachable: list[tuple[str, str]] | None = None  # every backend and why it cannot work, once probed
+        self._probes = dict(probes or {})
+        self._probing: asyncio.Task[None] | None = None
         self._cache = cache
         self._timeout_s = timeout_s
         self._ttl = cache_ttl_s
@@ -114,6 +129,9 @@ class SearchChain:
                 log.exception("search backend %s crashed", backend.name)
                 reason = f"failed: {type(exc).__name__}: {exc}"
             else:
+                if self.unreachable is not None:
+                    log.warning("search works again: %s answered", backend.name)
+                    self.unreachable = None
                 results = dedupe(raw, limit=k)
                 if results:
                     if self._cache is not None and self._ttl > 0:
@@ -146,8 +164,41 @@ class SearchChain:
                 except Exception:  # noqa: BLE001 - a bad corpus disables that backend, not search
                     log.exception("could not load search backend %s", backend.name)
 
+    def probe(self) -> asyncio.Task[None]:
+        """Find out, once and in the background, whether any backend can work (see the module docstring); the
+        verdict lands in :attr:`unreachable`. Call it with the event loop running; later calls return the same
+        task (await it to wait for the verdict)."""
+        if self._probing is None:
+            self._probing = asyncio.get_running_loop().create_task(self._probe())
+        return self._probing
+
+    async def _probe(self) -> None:
+        if not self.backends or any(b.name not in self._probes for b in self.backends):
+            return
+        async with httpx.AsyncClient(timeout=self._timeout_s) as client:
+            reasons = await asyncio.gather(*(_unreachable(client, self._probes[b.name]) for b in self.backends))
+        if all(reasons) and self.unreachable is None:
+            self.unreachable = [*zip(self.names, reasons, strict=True), *self.skipped]
+            why = "; ".join(f"{name}: {reason}" for name, reason in self.unreachable)
+            log.warning(
+                "no search backend can work (%s): answers come without sources; to search offline: %s",
+                why,
+                OFFLINE_SEARCH,
+            )
+
     async def aclose(self) -> None:
+        if self._probing is not None:
+            self._probing.cancel()
         for backend in self.backends:
             await backend.aclose()
         if self._client is not None:
             await self._client.aclose()
+
+
+async def _unreachable(client: httpx.AsyncClient, url: str) -> str | None:
+    """Why ``url`` cannot be reached, or ``None`` if it answered at all (any status: the service is there)."""
+    try:
+        await client.head(url)
+    except (httpx.HTTPError, httpx.InvalidURL) as exc:
+        return f"cannot reach {url} ({type(exc).__name__}: {str(exc) or 'no answer'})"
+    return None

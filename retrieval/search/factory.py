@@ -1,4 +1,9 @@
-"""Build the configured fallback chain from ``SearchConfig``."""
+"""Build the configured fallback chain from ``SearchConfig``.
+
+A backend whose settings are missing is left out, with a warning — except one of the default chain
+that was never set up (``local`` without ``search.corpus_path``: most installations have no corpus),
+which is no news and goes to the info log.
+"""
 
 from __future__ import annotations
 
@@ -13,11 +18,12 @@ from retrieval.search.chain import SearchChain
 from retrieval.search.duckduckgo import DuckDuckGoBackend
 from retrieval.search.local import LocalCorpusBackend
 from retrieval.search.searxng import SearxngBackend
-from retrieval.search.serper import SerperBackend
+from retrieval.search.serper import SERPER_URL, SerperBackend
 
 log = logging.getLogger(__name__)
 
 BACKEND_NAMES = ("ddgs", "searxng", "serper", "local")
+DUCKDUCKGO_URL = "https://duckduckgo.com"  # ddgs scrapes several engines; DuckDuckGo answering means the web is there
 
 
 def build_search(
@@ -35,8 +41,10 @@ def build_search(
     usable: list[str] = []
     skipped: list[tuple[str, str]] = []
     for name in dict.fromkeys(config.backends):
-        if reason := _missing_setting(name, config):
-            log.warning("search backend %s skipped: %s", name, reason)
+        if missing := _missing_setting(name, config):
+            unset, reason = missing
+            default = unset and "backends" not in config.model_fields_set
+            log.log(logging.INFO if default else logging.WARNING, "search backend %s skipped: %s", name, reason)
             skipped.append((name, reason))
         else:
             usable.append(name)
@@ -69,17 +77,19 @@ def build_search(
         language=config.language,
         client=own_client,
         skipped=skipped,
+        probes={"ddgs": DUCKDUCKGO_URL, "serper": SERPER_URL, "searxng": config.searxng_url or ""},
     )
 
 
-def _missing_setting(name: str, config: SearchConfig) -> str | None:
+def _missing_setting(name: str, config: SearchConfig) -> tuple[bool, str] | None:
+    """Why backend ``name`` cannot be built, and whether that is because its setting is unset (not wrong)."""
     if name == "searxng" and not config.searxng_url:
-        return "search.searxng_url is not set"
+        return True, "search.searxng_url is not set"
     if name == "serper" and not config.serper_api_key:
-        return "search.serper_api_key is not set"
+        return True, "search.serper_api_key is not set"
     if name == "local":
         if config.corpus_path is None:
-            return "search.corpus_path is not set"
+            return True, "search.corpus_path is not set"
         if not config.corpus_path.exists():
-            return f"corpus {config.corpus_path} does not exist"
+            return False, f"corpus {config.corpus_path} does not exist"
     return None

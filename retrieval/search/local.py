@@ -32,6 +32,7 @@ import lxml.html
 import numpy as np
 
 from retrieval.extract import extract
+from retrieval.markdown import markdown_text
 from retrieval.search.base import (
     BackendMisconfigured,
     TimeRange,
@@ -45,8 +46,8 @@ from retrieval.types import SearchResult
 
 log = logging.getLogger(__name__)
 
-# Bump when the stored layout or the way documents are read/tokenised changes.
-INDEX_VERSION = 2
+# Bump when the stored layout or the way documents are read/tokenised changes (3: Markdown read as plain text).
+INDEX_VERSION = 3
 FILE_SUFFIXES = frozenset({".html", ".htm", ".md", ".markdown", ".txt"})
 SNIPPET_CHARS = 300
 _RANGE_DAYS = {"day": 1, "week": 7, "month": 31, "year": 366}
@@ -302,10 +303,6 @@ def _read_jsonl(path: Path) -> list[dict]:
     return docs
 
 
-_FRONT_MATTER = re.compile(r"\A---\s*\n(.*?)\n---\s*\n", re.DOTALL)
-_HEADING = re.compile(r"^#{1,6}\s+(.+?)\s*#*\s*$", re.MULTILINE)
-
-
 def _read_file(path: Path, name: str) -> dict:
     """The document in the file at ``path``, ``name`` being its path inside the corpus."""
     url = corpus_url(name)
@@ -316,21 +313,12 @@ def _read_file(path: Path, name: str) -> dict:
     text = path.read_text(encoding="utf-8", errors="replace")
     doc = {"url": url, "title": "", "text": text, "published": None}
     if path.suffix.lower() in (".md", ".markdown"):
-        # Static-site front matter (Hugo, Jekyll) often carries title, date and the page's URL.
-        if match := _FRONT_MATTER.match(text):
-            fields = dict(
-                (key.strip().lower(), value.strip().strip("'\""))
-                for key, _, value in (line.partition(":") for line in match.group(1).splitlines())
-                if value.strip()
-            )
-            doc["title"] = fields.get("title", "")
-            doc["published"] = fields.get("date")
-            declared = fields.get("canonical") or fields.get("url") or ""
-            if is_web_url(declared):
-                doc["url"] = declared
-            doc["text"] = text = text[match.end() :]
-        if not doc["title"] and (heading := _HEADING.search(text)):
-            doc["title"] = heading.group(1)
+        # Plain text, as a reader sees it; the front matter may name the title, the date and the page's URL.
+        markdown = markdown_text(text)
+        doc |= {"title": markdown.title, "text": markdown.text, "published": markdown.fields.get("date")}
+        declared = markdown.fields.get("canonical") or markdown.fields.get("url") or ""
+        if is_web_url(declared):
+            doc["url"] = declared
     doc["title"] = doc["title"] or stem
     return doc
 
