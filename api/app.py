@@ -25,12 +25,20 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from agent import Agent
 from api.access import Access
 from api.engine_state import EngineState
-from api.errors import OPENAI_PREFIX, allowed_methods, error_response, field_path, safe_text, validation_detail
+from api.errors import (
+    OPENAI_PREFIX,
+    allowed_methods,
+    error_response,
+    field_path,
+    safe_text,
+    sse_event,
+    validation_detail,
+)
 from api.http_guard import BodyGuard
 from api.memory import Memory, make_memory
 from api.metrics import RequestMetrics
 from api.openai_compat import OpenAIError, error_body
-from api.routes import chat, conversations, health, metrics, openai, web
+from api.routes import chat, conversations, health, metrics, openai, responses, web
 from api.schemas import STREAM_ADAPTER
 from api.settings import Settings
 from api.turns import TurnRunner
@@ -109,8 +117,8 @@ def create_app(
                 await the_memory.aclose()
 
     app = FastAPI(title="megrez-search", version="0.1.0", lifespan=lifespan)
-    for router in (health.router, chat.router, conversations.router, openai.router, metrics.router, web.router):
-        app.include_router(router)
+    for routes in (health, chat, conversations, openai, responses, metrics, web):
+        app.include_router(routes.router)
     web.mount_assets(app)
     _openai_errors(app)
     services_of = lambda: getattr(app.state, "services", None)  # noqa: E731 (set by the lifespan)
@@ -173,10 +181,10 @@ def _openapi(app: FastAPI) -> dict:
     components.update(events.pop("$defs", {}))
     components["StreamEvent"] = events
     event_data = {"contentMediaType": "application/json", "contentSchema": {"$ref": "#/components/schemas/StreamEvent"}}
-    stream = {"schema": _sse_event(event_data)}
+    stream = {"schema": sse_event(event_data)}
     for path, method in (("/chat", "post"), ("/chat/{message_id}/events", "get")):
         schema["paths"][path][method]["responses"]["200"].setdefault("content", {})["text/event-stream"] = stream
-    chunks = _sse_event({"description": "a chat.completion.chunk as JSON; the last event's data is [DONE]"})
+    chunks = sse_event({"description": "a chat.completion.chunk as JSON; the last event's data is [DONE]"})
     completions = schema["paths"]["/v1/chat/completions"]["post"]["responses"]["200"]
     completions.setdefault("content", {})["text/event-stream"] = {"schema": chunks}
     services = getattr(app.state, "services", None)  # set by the lifespan; until then, assume keys are needed
@@ -189,17 +197,3 @@ def _openapi(app: FastAPI) -> dict:
     if services is not None:
         app.openapi_schema = schema
     return schema
-
-
-def _sse_event(data: dict) -> dict:
-    """The schema of one server-sent event (what OpenAPI 3.2 calls its ``itemSchema``), ``data`` as described."""
-    return {
-        "type": "object",
-        "required": ["data"],
-        "properties": {
-            "event": {"type": "string"},
-            "id": {"type": "string"},
-            "retry": {"type": "integer"},
-            "data": {"type": "string", **data},
-        },
-    }

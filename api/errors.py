@@ -142,3 +142,17 @@ def _plain(value: object) -> object:
     if isinstance(value, bool | int) or (isinstance(value, float) and math.isfinite(value)):
         return value
     return safe_text(value)
+
+
+def sse_event(data: dict) -> dict:
+    """The schema of one server-sent event (what OpenAPI 3.2 calls its ``itemSchema``), ``data`` as described."""
+    return {
+        "type": "object",
+        "required": ["data"],
+        "properties": {
+            "event": {"type": "string"},
+            "id": {"type": "string"},
+            "retry": {"type": "integer"},
+            "data": {"type": "string", **data},
+        },
+    }

@@ -88,6 +88,9 @@ class Delta:
     finish_reason: str | None = None  # "stop" | "length" | "abort" on the last delta
     stop_reason: str | int | None = None  # the stop string or token id that matched
     prompt_tokens: int | None = None  # every delta, from both engines
+    # Completion tokens so far as the remote server counts them (its running ``usage.completion_tokens``); None
+    # where nobody counted (vLLM embedded: count ``token_ids``). A server that returns no token ids still says this.
+    completion_tokens: int | None = None
     # Prompt tokens served from the prefix cache: every delta (vLLM); the last delta (remote server started
     # with --enable-prompt-tokens-details; None otherwise).
     num_cached_tokens: int | None = None

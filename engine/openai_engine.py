@@ -320,8 +320,9 @@ class OpenAIEngine(Engine):
 
     async def _parse(self, response: httpx.Response) -> AsyncIterator[Delta]:
         """SSE events → deltas. The finishing chunk is held back until the usage chunk that follows it,
-        so the last delta carries the cached-token count too."""
+        so the last delta carries the cached-token count and the final completion-token count too."""
         prompt_tokens: int | None = None
+        completion_tokens: int | None = None  # the server's count: what a server without token ids still reports
         finished: dict[str, Any] | None = None
         async for line in response.aiter_lines():
             if not line.startswith("data:"):
@@ -337,17 +338,18 @@ class OpenAIEngine(Engine):
                 raise EngineError(f"server error: {chunk['error'].get('message', chunk['error'])}")
             usage = chunk.get("usage") or {}
             prompt_tokens = usage.get("prompt_tokens", prompt_tokens)
+            completion_tokens = usage.get("completion_tokens", completion_tokens)
             for choice in chunk.get("choices", ()):
                 if choice.get("finish_reason") is not None:
                     finished = choice
                     continue
-                yield _delta(choice, prompt_tokens, None)
+                yield _delta(choice, prompt_tokens, completion_tokens, None)
             if not chunk.get("choices") and finished is not None:  # the final usage chunk
                 cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens")
-                yield _delta(finished, prompt_tokens, cached)
+                yield _delta(finished, prompt_tokens, completion_tokens, cached)
                 finished = None
         if finished is not None:  # a server that sends no usage chunk
-            yield _delta(finished, prompt_tokens, None)
+            yield _delta(finished, prompt_tokens, completion_tokens, None)
 
     async def _raise_for_status(self, response: httpx.Response) -> None:
         message = _error_message(response)
@@ -389,7 +391,9 @@ class OpenAIEngine(Engine):
         return Health(ok=True, backend=self.backend, model=self._model)
 
 
-def _delta(choice: dict[str, Any], prompt_tokens: int | None, cached: int | None) -> Delta:
+def _delta(
+    choice: dict[str, Any], prompt_tokens: int | None, completion_tokens: int | None, cached: int | None
+) -> Delta:
     token_ids = tuple(choice.get("token_ids") or ())
     logprobs = None
     if choice.get("logprobs"):
@@ -400,6 +404,7 @@ def _delta(choice: dict[str, Any], prompt_tokens: int | None, cached: int | None
         finish_reason=choice.get("finish_reason"),
         stop_reason=choice.get("stop_reason"),
         prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
         num_cached_tokens=cached,
         logprobs=logprobs,
     )

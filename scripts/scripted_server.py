@@ -7,13 +7,16 @@ SIGKILL it mid-stream, start it again on the same port, or put a server there th
     python -m scripts.scripted_server --port 8011 --tokenizer /tmp/tok [--delay-s 0.01] [--answer TEXT]
     python -m scripts.scripted_server --port 8011 --tokenizer /tmp/tok --stall-after 2   # stalls mid-stream
     python -m scripts.scripted_server --port 8011 --black-hole                           # accepts, never answers
+    python -m scripts.scripted_server --port 8011 --tokenizer /tmp/tok --no-token-ids    # usage, but no token ids
 
 What it serves, in vLLM's shapes: ``GET /v1/models`` (with ``max_model_len``), ``POST /v1/completions``
 (streaming only: one chunk per delta with ``token_ids`` and running ``usage``, the finishing chunk, a
 usage-only chunk with ``prompt_tokens_details``, ``[DONE]``; a 400 for a prompt that does not fit, a 404
 for another model name), ``POST /tokenize`` (special-token text becomes its id, as vLLM's does) and
-``GET /health``. Every generation is the scripted engine's: its ``default`` answer (``--answer``), its
-stop-token handling, its ``logit_bias`` ban of ``<|function_start|>``, its streaming rate (``--delay-s``);
+``GET /health``. ``--no-token-ids`` leaves ``token_ids`` out of the chunks, as OpenAI-compatible servers other
+than vLLM do (only ``usage`` counts the tokens then). Every generation is the scripted engine's: its
+``default`` answer (``--answer``), its stop-token handling, its ``logit_bias`` ban of ``<|function_start|>``,
+its streaming rate (``--delay-s``);
 ``--page-model`` answers as the page harness's model does (``scripts/page_harness.py``: a search with the
 question, then an answer citing two contexts), for runs that exercise the whole turn.
 The Megrez stop ids the client sends are left to the engine's own stop handling; any other
@@ -67,9 +70,11 @@ def sampling_of(body: dict[str, Any], megrez_stop_ids: frozenset[int]) -> Sampli
     )
 
 
-def build_app(engine: ScriptedEngine, *, served_name: str = "scripted", stall_after: int | None = None) -> Starlette:
+def build_app(
+    engine: ScriptedEngine, *, served_name: str = "scripted", stall_after: int | None = None, token_ids: bool = True
+) -> Starlette:
     """The server's app on ``engine``; ``stall_after``: chunks of each completion sent before it stalls for good
-    (the connection stays open, nothing more comes)."""
+    (the connection stays open, nothing more comes); ``token_ids``: whether chunks carry them."""
     vocab = engine.tokenizer.get_vocab()
     megrez_stop_ids = frozenset(vocab[t] for t in STOP_TOKENS if t in vocab)
 
@@ -105,7 +110,8 @@ def build_app(engine: ScriptedEngine, *, served_name: str = "scripted", stall_af
             first = await anext(deltas)
         except EngineError as exc:
             return _error(400, str(exc))
-        return StreamingResponse(_events(rid, served_name, first, deltas, stall_after), media_type="text/event-stream")
+        events = _events(rid, served_name, first, deltas, stall_after, token_ids)
+        return StreamingResponse(events, media_type="text/event-stream")
 
     routes = [
         Route("/health", health),
@@ -117,7 +123,7 @@ def build_app(engine: ScriptedEngine, *, served_name: str = "scripted", stall_af
 
 
 async def _events(
-    rid: str, model: str, first: Delta, rest: AsyncIterator[Delta], stall_after: int | None
+    rid: str, model: str, first: Delta, rest: AsyncIterator[Delta], stall_after: int | None, token_ids: bool
 ) -> AsyncIterator[str]:
     """vLLM's SSE chunks for the deltas (``continuous_usage_stats``: usage on every chunk)."""
     created, completion = int(time.time()), 0
@@ -137,11 +143,12 @@ async def _events(
             choice = {
                 "index": 0,
                 "text": delta.text,
-                "token_ids": list(delta.token_ids),
                 "logprobs": None,
                 "finish_reason": delta.finish_reason,
                 "stop_reason": delta.stop_reason,
             }
+            if token_ids:
+                choice["token_ids"] = list(delta.token_ids)
             yield chunk([choice], {"prompt_tokens": prompt, "completion_tokens": completion})
             sent += 1
             delta = await anext(rest, None)
@@ -219,6 +226,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--chunk-chars", type=int, default=3)
     parser.add_argument("--stall-after", type=int, help="send this many chunks of each completion, then stall")
     parser.add_argument("--black-hole", action="store_true", help="accept connections, never answer")
+    parser.add_argument("--no-token-ids", action="store_true", help="chunks without token_ids (usage only)")
     args = parser.parse_args(argv)
     if args.black_hole:
         asyncio.run(black_hole(args.host, args.port))
@@ -235,7 +243,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         from scripts.page_harness import page_model
 
         engine.default = page_model(engine)  # type: ignore[assignment]  # a function of each request
-    app = build_app(engine, served_name=args.model, stall_after=args.stall_after)
+    app = build_app(engine, served_name=args.model, stall_after=args.stall_after, token_ids=not args.no_token_ids)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
 
 

@@ -114,6 +114,7 @@ ROUTES = [
     ("POST", "/chat", "application/json", True),
     ("POST", "/chat", MULTIPART, True),
     ("POST", OPENAI, "application/json", True),
+    ("POST", "/v1/responses", "application/json", True),
     ("GET", "/v1/models", "application/json", False),
     ("GET", "/conversations", "application/json", False),
     ("DELETE", "/conversations/nope", "application/json", False),

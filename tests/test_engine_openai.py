@@ -14,6 +14,7 @@ import httpx
 import pytest
 import pytest_asyncio
 
+from api.app import create_app
 from engine.base import Delta, Engine, EngineError, EngineUnavailable, ModelNotFound, Sampling
 from engine.config import EngineConfig
 from engine.factory import build_engine
@@ -332,3 +333,41 @@ async def test_a_proxy_answering_503_is_retried_then_unavailable() -> None:
     async with mock_engine(server) as engine:
         with pytest.raises(EngineUnavailable, match=r"HTTP 503: no upstream.*3 attempts"):
             await collect(engine, PROMPT, Sampling())
+
+
+# --- usage: the server's count, also when it sends no token ids ----------------------------------------------------
+
+
+async def test_a_server_without_token_ids_still_counts_the_completion() -> None:
+    chunks = [json.loads(part[6:]) for part in sse("Hel", "lo", "!")[:-1]]
+    for chunk in chunks:
+        for choice in chunk["choices"]:
+            del choice["token_ids"]  # as OpenAI-compatible servers other than vLLM answer
+    body = [f"data: {json.dumps(c)}\n\n".encode() for c in chunks] + [b"data: [DONE]\n\n"]
+    server = MockServer(lambda request: httpx.Response(200, stream=Body(body)))
+    async with mock_engine(server) as engine:
+        deltas = await collect(engine, PROMPT, Sampling())
+    assert [d.token_ids for d in deltas] == [(), (), ()]
+    assert [d.completion_tokens for d in deltas] == [1, 2, 3] and deltas[-1].finish_reason == "stop"
+
+
+async def test_the_services_usage_is_the_servers_count_with_or_without_token_ids(tokenizer_dir, corpus_backend) -> None:
+    from api.memory import LocalMemory
+    from scripts.scripted_server import ScriptedServerProcess
+    from tests.agent_fixtures import client_for, make_retriever
+    from tests.test_engine_faults import settings_for
+
+    answer = "The tower was designed by the company of Gustave Eiffel."
+    body = {"model": "megrez-search", "messages": [{"role": "user", "content": "Who?"}], "megrez_websearch": "off"}
+    usage = {}
+    for ids in ([], ["--no-token-ids"]):
+        server = ScriptedServerProcess(tokenizer_dir, "--answer", answer + "<|turn_end|>", *ids).start()
+        try:
+            app = create_app(settings_for(server.url), retriever=make_retriever(corpus_backend), memory=LocalMemory())
+            async with client_for(app) as client:
+                done = (await client.post("/v1/chat/completions", json=body)).json()
+        finally:
+            server.stop()
+        assert done["choices"][0]["message"]["content"] == answer
+        usage[bool(ids)] = done["usage"]
+    assert usage[True] == usage[False] and usage[True]["completion_tokens"] > 0

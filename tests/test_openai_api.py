@@ -19,11 +19,13 @@ ANSWER = "Gustave Eiffel's company designed it [citation:1]. It opened in 1889 [
 
 @contextlib.asynccontextmanager
 async def openai_client(app, **kw):
-    async with client_for(app) as http:
-        async with openai.AsyncOpenAI(
+    async with (
+        client_for(app) as http,
+        openai.AsyncOpenAI(
             base_url=str(http.base_url).rstrip("/") + "/v1", api_key=kw.pop("key", "none"), **kw
-        ) as client:
-            yield client
+        ) as client,
+    ):
+        yield client
 
 
 def settings(**agent) -> Settings:
@@ -53,16 +55,18 @@ async def test_an_answer_with_url_citations_and_usage(tokenizer_dir, corpus_back
     assert len(engine.requests) == 2  # the model searched (auto), then answered
 
 
-async def test_streaming_chunks_end_with_annotations_and_usage(tokenizer_dir, corpus_backend):
-    app, _ = app_with(tokenizer_dir, corpus_backend, LocalMemory(), call("Eiffel Tower"), ANSWER, settings=settings())
+async def test_streaming_chunks_end_with_annotations_and_usage_once(tokenizer_dir, corpus_backend):
+    script = [call("Eiffel Tower"), ANSWER] * 2
+    app, _ = app_with(tokenizer_dir, corpus_backend, LocalMemory(), *script, settings=settings())
+    question = [{"role": "user", "content": "Who designed the Eiffel Tower?"}]
     async with openai_client(app) as client:
         stream = await client.chat.completions.create(
-            model="megrez-search",
-            messages=[{"role": "user", "content": "Who designed the Eiffel Tower?"}],
-            stream=True,
-            stream_options={"include_usage": True},
+            model="megrez-search", messages=question, stream=True, stream_options={"include_usage": True}
         )
         chunks = [c async for c in stream]
+        unasked = [
+            c async for c in await client.chat.completions.create(model="megrez-search", messages=question, stream=True)
+        ]
     assert chunks[0].choices[0].delta.role == "assistant"
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     final = next(c for c in chunks if c.choices and c.choices[0].finish_reason)
@@ -70,7 +74,11 @@ async def test_streaming_chunks_end_with_annotations_and_usage(tokenizer_dir, co
     marks = final.choices[0].delta.model_extra["annotations"]
     cited = [text[m["url_citation"]["start_index"] : m["url_citation"]["end_index"]] for m in marks]
     assert cited == re.findall(r"\[\d+\]", text) and len(cited) == 2
-    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens > 0  # the usage-only chunk
+    # Usage once, as OpenAI sends it: only in the last, choice-less chunk (null on the others); unasked, never.
+    assert [c.usage is not None for c in chunks] == [False] * (len(chunks) - 1) + [True]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens > 0
+    assert all("usage" in c.model_fields_set for c in chunks)
+    assert unasked[-1].choices and not any("usage" in c.model_fields_set for c in unasked)
 
 
 async def test_history_media_and_sampling_fields_reach_the_engine(tokenizer_dir, corpus_backend):

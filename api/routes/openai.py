@@ -6,15 +6,21 @@ client that goes away closes the turn, which aborts the engine request. Errors u
 so the official ``openai`` package raises its own exceptions (``BadRequestError``, …).
 
 Streaming: the first chunk carries ``role``, then one chunk per ``token`` event; the final chunk
-carries ``finish_reason``, the ``annotations`` in its delta and ``usage`` (also in a separate
-usage-only chunk when ``stream_options.include_usage`` is set, as OpenAI does). Text the model wrote
-before deciding to search (a ``preamble``) has already been streamed and cannot be taken back: a blank
-line separates it from the answer, and the annotations' indices count it.
+carries ``finish_reason`` and the ``annotations`` in its delta. Usage comes once, as OpenAI sends it:
+with ``stream_options.include_usage``, in a last, choice-less chunk (every other chunk says ``"usage":
+null``); without it, not at all. Text the model wrote before deciding to search (a ``preamble``) has
+already been streamed and cannot be taken back: a blank line separates it from the answer, and the
+annotations' indices count it.
+
+The steps every ``/v1`` turn shares — the model and engine checks (:func:`checked_services`), a turn slot
+and the turn itself (:func:`start_turn`), the slot given back when the response ends (:class:`SlotStream`),
+the turn closed shielded (:func:`close_turn`), a turn run to its answer (:func:`answer_of`) — are here
+for ``api/routes/responses.py`` too; a failed turn's error is ``api/openai_compat.py``'s ``error_of``.
 """
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import json
 import time
 from collections.abc import AsyncIterator, Callable
@@ -24,7 +30,8 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 from sse_starlette.sse import EventSourceResponse
 
-from agent.events import AnswerEvent, ErrorEvent, PreambleEvent, TokenEvent
+from agent import TurnStream
+from agent.events import Answer, AnswerEvent, ErrorEvent, Event, PreambleEvent, TokenEvent
 from api.engine_state import EngineNotReady
 from api.errors import error_responses
 from api.logs import MESSAGE_ID
@@ -33,9 +40,11 @@ from api.metrics import Metrics
 from api.openai_compat import (
     ChatCompletionRequest,
     OpenAIError,
+    TurnRequest,
     annotations,
     chunk,
     completion,
+    error_of,
     read_request,
     usage,
 )
@@ -43,7 +52,6 @@ from api.routes.deps import caller, services, store_errors
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 
-_ERROR_STATUS = {"invalid_request": 400, "too_long": 400, "invalid_media": 400, "engine_unavailable": 503}
 SERVICE_MODEL = "megrez-search"
 CLOSE_TIMEOUT_S = 5.0  # closing a turn whose client left: the graph cancels its node, the engine aborts
 
@@ -64,57 +72,81 @@ async def models(request: Request) -> dict:
     }
 
 
-def _error_of(event: ErrorEvent) -> OpenAIError:
-    status = _ERROR_STATUS.get(event.code, 500)
-    return OpenAIError(
-        status, event.message, type_="invalid_request_error" if status < 500 else "server_error", code=event.code
-    )
-
-
-@router.post("/chat/completions", responses=error_responses(400, 401, 404, 408, 413, 429, 503, openai=True))
-async def chat_completions(request: Request, body: ChatCompletionRequest, owner: str = Depends(caller)):
-    """An answer with web search and citations, in OpenAI's chat-completions shape."""
+def checked_services(request: Request, model: str):
+    """The app's services, once ``model`` is one this service answers to (404 otherwise) and the engine is not
+    known to be loading or down (503 at once, not a turn that can only fail)."""
     svc = services(request)
-    if body.model not in _models(request):
+    if model not in _models(request):
         raise OpenAIError(
-            404, f"the model {body.model!r} does not exist; see GET /v1/models", param="model", code="model_not_found"
+            404, f"the model {model!r} does not exist; see GET /v1/models", param="model", code="model_not_found"
         )
     try:
-        svc.engine_state.check()  # loading or known down: 503 at once, not a turn that can only fail
+        svc.engine_state.check()
     except EngineNotReady as exc:
         raise OpenAIError(503, exc.message, type_="server_error", code=exc.code, headers=exc.headers) from None
-    turn_request = read_request(body, svc.settings.agent, svc.settings.api, svc.engine)
-    with store_errors():  # no free turn slot: 429
+    return svc
+
+
+async def start_turn(svc, owner: str, turn_request: TurnRequest, request_id: str) -> tuple[TurnStream, str]:
+    """A turn slot of ``owner`` (429 when none is free) and the turn, not started yet; returns (turn, slot).
+    The caller gives the slot back (``svc.runner.release_slot``) and closes the turn (:func:`close_turn`)."""
+    with store_errors():
         slot = await svc.runner.take_slot(owner)
-    cid, metrics = f"chatcmpl-{new_id()}", svc.runner.metrics
-    MESSAGE_ID.set(cid)  # this request's logs carry the completion id
+    MESSAGE_ID.set(request_id)  # this request's logs carry its id
     turn = svc.runner.agent.run(
         turn_request.question,
         history=turn_request.history,
         media=turn_request.media,
         mode=turn_request.mode,
-        # OpenAI's shape has no place for follow-up questions: not generated (nobody would wait for them).
+        # OpenAI's shapes have no place for follow-up questions: not generated (nobody would wait for them).
         config=turn_request.config.model_copy(update={"related": False}),
-        request_id=cid,
+        request_id=request_id,
     )
-    if body.stream:
-        include_usage = bool((body.stream_options or {}).get("include_usage"))
-        events = _stream(turn, cid, body.model, include_usage, metrics)
-        return _SlotStream(events, release=lambda: svc.runner.release_slot(slot), ping=15)
+    return turn, slot
+
+
+async def close_turn(turn: TurnStream) -> None:
+    """Close a turn, also from a request that was cancelled because its client left: without the shield, the
+    await would be cancelled at once and the engine request would run on, unseen."""
+    with anyio.CancelScope(shield=True), anyio.move_on_after(CLOSE_TIMEOUT_S):
+        await turn.aclose()
+
+
+async def answer_of(turn: TurnStream, metrics: Metrics, on_event: Callable[[Event], object] = lambda e: None) -> Answer:
+    """Run a turn to its answer (the non-streaming responses): each event observed and handed to ``on_event``,
+    an ``error`` event raised as :class:`OpenAIError`; the turn is closed whatever happens."""
     try:
-        async with contextlib.aclosing(turn):  # closed here, not by the garbage collector mid-iteration
-            async for event in turn:
-                metrics.observe(event)
-                if isinstance(event, ErrorEvent):
-                    raise _error_of(event)
-                if isinstance(event, AnswerEvent):
-                    return JSONResponse(completion(cid, body.model, event.answer))
+        async for event in turn:
+            metrics.observe(event)
+            on_event(event)
+            if isinstance(event, ErrorEvent):
+                raise error_of(event)
+            if isinstance(event, AnswerEvent):
+                return event.answer
     finally:
-        svc.runner.release_slot(slot)
+        await close_turn(turn)
     raise OpenAIError(500, "the turn ended without an answer", type_="server_error")
 
 
-class _SlotStream(EventSourceResponse):
+@router.post("/chat/completions", responses=error_responses(400, 401, 404, 408, 413, 429, 503, openai=True))
+async def chat_completions(request: Request, body: ChatCompletionRequest, owner: str = Depends(caller)):
+    """An answer with web search and citations, in OpenAI's chat-completions shape."""
+    svc = checked_services(request, body.model)
+    turn_request = read_request(body, svc.settings.agent, svc.settings.api, svc.engine)
+    cid = f"chatcmpl-{new_id()}"
+    turn, slot = await start_turn(svc, owner, turn_request, cid)
+    release = functools.partial(svc.runner.release_slot, slot)  # synchronous and idempotent
+    if body.stream:
+        include_usage = bool((body.stream_options or {}).get("include_usage"))
+        events = _stream(turn, cid, body.model, include_usage, svc.runner.metrics)
+        return SlotStream(events, release=release, ping=15)
+    try:
+        return JSONResponse(completion(cid, body.model, await answer_of(turn, svc.runner.metrics)))
+    finally:
+        release()
+
+
+class SlotStream(EventSourceResponse):
     """An SSE response that gives its turn slot back when the response ends — finished, failed, or cancelled
     because the client left — even if the body never started (``release`` is synchronous and idempotent)."""
 
@@ -136,19 +168,25 @@ async def _stream(turn, cid: str, model: str, include_usage: bool, metrics: Metr
     def data(payload: dict) -> dict:
         return {"data": json.dumps(payload, ensure_ascii=False)}
 
+    def piece(delta: dict, finish: str | None = None) -> dict:
+        out = chunk(cid, model, created, delta, finish)
+        if include_usage:
+            out["usage"] = None  # as OpenAI: null on every chunk but the usage-only one
+        return data(out)
+
     metrics.streams.inc()
     try:
-        yield data(chunk(cid, model, created, {"role": "assistant", "content": ""}))
+        yield piece({"role": "assistant", "content": ""})
         async for event in turn:
             metrics.observe(event)
             if isinstance(event, TokenEvent) and event.text:
                 streamed += event.text
-                yield data(chunk(cid, model, created, {"content": event.text}))
+                yield piece({"content": event.text})
             elif isinstance(event, PreambleEvent) and streamed:
                 streamed += "\n\n"
-                yield data(chunk(cid, model, created, {"content": "\n\n"}))
+                yield piece({"content": "\n\n"})
             elif isinstance(event, ErrorEvent):
-                yield data(_error_of(event).body())
+                yield data(error_of(event).body())
                 return
             elif isinstance(event, AnswerEvent):
                 answer = event.answer
@@ -157,16 +195,11 @@ async def _stream(turn, cid: str, model: str, include_usage: bool, metrics: Metr
                 marks = (
                     annotations(answer.answer, answer, offset) if offset is not None else annotations(streamed, answer)
                 )
-                final = chunk(cid, model, created, {"annotations": marks}, "stop")
-                final["usage"] = usage(answer)
-                yield data(final)
+                yield piece({"annotations": marks}, "stop")
                 if include_usage:
                     usage_only = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model}
                     yield data(usage_only | {"choices": [], "usage": usage(answer)})
         yield {"data": "[DONE]"}
     finally:
         metrics.streams.dec()
-        # A client that went away cancelled this generator: without the shield, the await below would be
-        # cancelled at once and the engine request would run on, unseen.
-        with anyio.CancelScope(shield=True), anyio.move_on_after(CLOSE_TIMEOUT_S):
-            await turn.aclose()
+        await close_turn(turn)
