@@ -164,6 +164,7 @@ class Memory(Protocol):
     async def create_conversation(self, question: str, owner: str = ANONYMOUS) -> Conversation: ...
     async def get_conversation(self, cid: str) -> Conversation | None: ...
     async def list_conversations(self, owner: str = ANONYMOUS, limit: int = 50) -> list[Conversation]: ...
+    async def rename_conversation(self, cid: str, title: str) -> Conversation | None: ...
     async def running_message(self, cid: str) -> str | None: ...
     async def delete_conversation(self, cid: str) -> bool: ...
     async def acquire_slot(self, owner: str, slot: str, limit: int) -> bool: ...
@@ -265,6 +266,15 @@ class LocalMemory:
     async def list_conversations(self, owner: str = ANONYMOUS, limit: int = 50) -> list[Conversation]:
         mine = [c for c in self._conversations.values() if c.owner == owner]
         return sorted(mine, key=lambda c: c.updated, reverse=True)[:limit]
+
+    async def rename_conversation(self, cid: str, title: str) -> Conversation | None:
+        """Give conversation ``cid`` the title ``title`` (already checked: one line); ``None`` if it does not exist.
+        Its ``updated`` time stays: a rename is not a new turn, so the history keeps its order."""
+        conv = self._conversations.get(cid)
+        if conv is None:
+            return None
+        self._conversations[cid] = conv = conv.model_copy(update={"title": title})
+        return conv
 
     async def running_message(self, cid: str) -> str | None:
         return self._running.get(cid)

@@ -5,7 +5,7 @@ Every key is under ``megrez:``:
 =================================  ======  ===============================================================
 key                                type    what
 =================================  ======  ===============================================================
-``megrez:conv:{cid}``              hash    ``id``, ``title`` (first question), ``created``, ``updated``, ``owner``
+``megrez:conv:{cid}``              hash    ``id``, ``title`` (first question, or renamed), ``created``, ``updated``, ``owner``
 ``megrez:conv:{cid}:turns``        list    one JSON :class:`StoredTurn` per turn, oldest first
 ``megrez:conv:{cid}:messages``     set     the conversation's message ids (their streams go when it is deleted)
 ``megrez:conv:{cid}:running``      string  the message id of the conversation's running turn (its lock; lives
@@ -52,7 +52,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Iterable, Sequence
 
-from agent.events import ErrorEvent, MediaRef
+from agent.events import ErrorEvent, MediaRef, Note
 from api.memory import (
     ANONYMOUS,
     DONE,
@@ -306,6 +306,19 @@ class RedisMemory:
             await self._call(self._redis.zrem(listing, *stale))
         return [conv for conv in found if conv is not None]
 
+    async def rename_conversation(self, cid: str, title: str) -> Conversation | None:
+        """Give conversation ``cid`` the title ``title`` (already checked: one line); ``None`` if it does not exist.
+
+        One script checks and writes, so a conversation deleted (or expired) meanwhile is never recreated as a
+        bare hash; ``updated``, the listing's order and the lifetime stay as they were.
+        """
+        rename = self._redis.register_script(
+            "if redis.call('exists', KEYS[1]) == 0 then return {} end "
+            "redis.call('hset', KEYS[1], 'title', ARGV[1]) return redis.call('hgetall', KEYS[1])"
+        )
+        fields = await self._call(rename([f"megrez:conv:{cid}"], [title]))
+        return Conversation.model_validate(dict(zip(fields[::2], fields[1::2], strict=True))) if fields else None
+
     async def running_message(self, cid: str) -> str | None:
         return await self._call(self._redis.get(f"megrez:conv:{cid}:running"))
 
@@ -418,7 +431,8 @@ class RedisMemory:
         start = MessageStart(cid, owner, data.get("question", ""), media)
         rows = await self._call(self._redis.xrange(f"megrez:msg:{mid}:events"))
         events = agent_events(StoredEvent(i, f.get("type", ""), f.get("data", "")) for i, f in rows)
-        record = partial_record(start, events, note="interrupted: the server answering it stopped")
+        note = Note(code="interrupted", message="interrupted: the server answering it stopped")
+        record = partial_record(start, events, note=note)
         turn = StoredTurn(message_id=mid, record=record, status="failed", error=REAPED)
         m = f"megrez:msg:{mid}"
         keys = [m, f"{m}:events", LEASES, *_conv_keys(cid, owner), f"megrez:conv:{cid}:running"]

@@ -6,9 +6,10 @@ Two events exist only on the wire: ``meta`` first (the ids a client needs to res
 
 from __future__ import annotations
 
-from typing import Literal, Union
+import unicodedata
+from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, Field, TypeAdapter
+from pydantic import AfterValidator, BaseModel, Field, TypeAdapter
 
 from agent.events import Answer, ErrorEvent, Event, MediaRef
 from api.memory import StoredTurn
@@ -53,6 +54,37 @@ class ConversationSummary(BaseModel):
     title: str
     created: float
     updated: float
+
+
+TITLE_MAX_CHARS = 200
+_LINE_BREAKS = frozenset("\t\n\r")
+_TITLE_PATTERN = (
+    r"^[^\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]*[^\s\x00-\x1f\x7f-\x9f][^\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]*$"
+)
+
+
+def _title(value: str) -> str:
+    """A conversation title as one line: whitespace runs (line breaks included) become one space; other control
+    characters, and lone surrogates (text no store can encode), are refused."""
+    if bad := next((c for c in value if unicodedata.category(c) in ("Cc", "Cs") and c not in _LINE_BREAKS), None):
+        raise ValueError(f"the title holds a control character or a lone surrogate (U+{ord(bad):04X})")
+    line = " ".join(value.split())
+    if not 1 <= len(line) <= TITLE_MAX_CHARS:
+        raise ValueError(f"the title must be 1 to {TITLE_MAX_CHARS} characters on one line (it has {len(line)})")
+    return line
+
+
+class ConversationRename(BaseModel):
+    """The JSON body of ``PATCH /conversations/{id}``."""
+
+    title: Annotated[str, AfterValidator(_title)] = Field(
+        description=f"The new title: 1 to {TITLE_MAX_CHARS} characters once whitespace is collapsed to one line; "
+        "control characters are refused.",
+        examples=["Eiffel Tower: who built it"],
+        # What a client can check before sending (a title this describes is always taken): the validator above is
+        # the rule, and also takes a longer title whose whitespace collapses to TITLE_MAX_CHARS or fewer.
+        json_schema_extra={"minLength": 1, "maxLength": TITLE_MAX_CHARS, "pattern": _TITLE_PATTERN},
+    )
 
 
 class TurnOut(BaseModel):

@@ -9,11 +9,17 @@ The scripted model (:func:`page_model`) behaves as Megrez does where the page re
 search tool on it first calls ``googleWebSearch`` with the question, then answers from the observation
 citing ``[[citation:1]]`` and ``[[citation:2]]``; with search off it answers at once; the follow-up
 generation gets three numbered questions. A question may ask for a longer answer (``long``, for stop
-and reconnect) or for hostile output (``hostile``, for the XSS checks).
+and reconnect) or for hostile output (``hostile``, for the XSS checks). The search backends answer as
+the question asks too (:class:`MoodySearch`): ``offline`` makes every backend fail, ``slowly`` makes the
+search take a while (so a test can see it in progress).
+
+The browser is opened at one of two sizes (:data:`FORMS`: desktop, phone) in one of the page's two
+languages (:data:`LOCALES`), the way the browser tests combine them.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import re
@@ -21,6 +27,7 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Self
 
 import httpx
 
@@ -32,6 +39,7 @@ from engine.protocol import FORCED_SEARCH_ARGS_PREFIX
 from retrieval.config import SelectConfig
 from retrieval.fetch import Fetcher
 from retrieval.pipeline import Retriever
+from retrieval.search.base import BackendUnavailable
 from retrieval.search.chain import SearchChain
 from retrieval.search.local import LocalCorpusBackend
 from scripts.fixture_web import FixtureWeb, WebSearch
@@ -44,6 +52,39 @@ HOSTILE_ANSWER = (
     "[link](javascript:document.body.dataset.pwned='link') but the sources say it is safe [[citation:1]]."
 )
 LONG_SENTENCE = "Sentence {i} of the long answer adds one more numbered fact for the reader. "
+OUTAGE = "offline"  # a question with this word: every search backend fails
+SLOW = "slowly"  # a question with this word: each backend takes SLOW_S before it answers
+SLOW_S = 0.5  # per backend: a search of two takes twice as long
+# The page's sizes in the browser tests: a desktop window and a phone (touch, mobile viewport).
+FORMS = {
+    "desktop": {"viewport": {"width": 1280, "height": 800}},
+    "phone": {"viewport": {"width": 390, "height": 844}, "has_touch": True, "is_mobile": True},
+}
+LOCALES = {"en": "en-US", "zh": "zh-CN"}  # the browser's language, which the page's language follows
+
+
+class MoodySearch:
+    """A search backend that fails or dawdles when the query asks it to (``OUTAGE``, ``SLOW``), and is
+    ``inner`` otherwise (its index, documents and loading included).
+
+    Example::
+
+        chain = SearchChain([MoodySearch(WebSearch(web.search_backend()))])
+    """
+
+    def __init__(self, inner) -> None:
+        self._inner = inner
+        self.name = inner.name
+
+    async def search(self, query: str, **options):
+        if SLOW in query:
+            await asyncio.sleep(SLOW_S)
+        if OUTAGE in query:
+            raise BackendUnavailable(self.name, "unreachable (the test's outage)")
+        return await self._inner.search(query, **options)
+
+    def __getattr__(self, name: str):
+        return getattr(self._inner, name)
 
 
 def answer_for(question: str, contexts: dict[int, str]) -> str:
@@ -124,7 +165,8 @@ def page_app(
         extra.load()
         backends.append(extra)
     backends.append(WebSearch(web.search_backend()))
-    retriever = Retriever(SearchChain(backends, timeout_s=5.0), Fetcher(web.fetch_config()), SelectConfig())
+    chain = SearchChain([MoodySearch(b) for b in backends], timeout_s=5.0)
+    retriever = Retriever(chain, Fetcher(web.fetch_config()), SelectConfig())
     settings = settings or Settings(agent=AgentConfig(related=True, answer_tokens=3000))
     return create_app(settings, engine=engine, retriever=retriever), engine
 
@@ -145,7 +187,7 @@ class PageServer:
         self._server = None
         self._thread: threading.Thread | None = None
 
-    def __enter__(self) -> PageServer:
+    def __enter__(self) -> Self:
         import uvicorn
 
         class Server(uvicorn.Server):
@@ -173,6 +215,23 @@ class PageServer:
             self._server.should_exit = True
         if self._thread is not None:
             self._thread.join(timeout=15)
+
+
+def new_page(browser, url: str, form: str = "desktop", lang: str = "en", *, errors: list[str] | None = None, **options):
+    """A page in a fresh context (empty storage) at ``form`` (:data:`FORMS`) in language ``lang``, its clipboard
+    allowed; what it throws or logs as a warning or error is appended to ``errors``. Not navigated yet.
+
+    :param browser: a Playwright browser (:func:`launch_chromium`)
+    :param url: the service's address (the clipboard is allowed for it)
+    :param options: more ``browser.new_context`` options (``color_scheme``, …)
+    """
+    context = browser.new_context(**FORMS[form], locale=LOCALES[lang], **options)
+    context.grant_permissions(["clipboard-read", "clipboard-write"], origin=url)
+    page = context.new_page()
+    if errors is not None:
+        page.on("pageerror", lambda error: errors.append(str(error)))
+        page.on("console", lambda m: m.type in ("warning", "error") and errors.append(f"console {m.type}: {m.text}"))
+    return page
 
 
 def launch_chromium(playwright):

@@ -221,7 +221,8 @@ def test_stop_mid_stream_keeps_the_partial_answer_and_retry_asks_again(page: Pag
     assert turn["status"] == "stopped" and "Sentence 2 " in turn["answer"]["answer"]
     expect(page.locator("#send")).to_be_visible()
     last_turn(page).get_by_role("button", name="Retry").click()
-    expect(page.locator(".turn")).to_have_count(2)
+    expect(last_turn(page)).to_have_attribute("aria-busy", "true")
+    expect(page.locator(".turn")).to_have_count(1)  # the retry takes the stopped turn's place
     expect(last_turn(page).locator(".question")).to_have_text(f"Give a long answer: {QUESTION}")
     page.click("#stop")
     wait_done(page, "stopped")

@@ -1,8 +1,10 @@
-"""The page's routes (``/``, ``/assets``, ``/info``) and what a text-only model says to media, over HTTP."""
+"""The page's routes (``/``, ``/assets``, ``/info``, ``/opensearch.xml``) and what a text-only model says to media,
+over HTTP."""
 
 from __future__ import annotations
 
 import base64
+from xml.etree import ElementTree
 
 import openai
 import pytest
@@ -37,6 +39,28 @@ async def test_an_unbuilt_page_says_how_to_build_it(tokenizer_dir, corpus_backen
         page = await client.get("/")
         assert page.status_code == 503 and "make run" in page.text
         assert (await client.get("/healthz")).status_code == 200  # the API works without it
+
+
+async def test_the_opensearch_description_lets_a_browser_search_with_the_page(tokenizer_dir, corpus_backend):
+    settings = Settings(auth=AuthConfig(api_keys=["s3cret"]))  # it holds no data: no key needed
+    app, _ = app_with(tokenizer_dir, corpus_backend, LocalMemory(), settings=settings)
+    async with client_for(app) as client:
+        page = await client.get("/")
+        assert '<link rel="search" type="application/opensearchdescription+xml" title="megrez-search" ' in page.text
+        description = await client.get("/opensearch.xml")
+        base = str(client.base_url).rstrip("/")
+    assert description.status_code == 200
+    assert description.headers["content-type"] == "application/opensearchdescription+xml"
+    assert description.headers["x-content-type-options"] == "nosniff"
+    ns = {"os": "http://a9.com/-/spec/opensearch/1.1/", "moz": "http://www.mozilla.org/2006/browser/search/"}
+    root = ElementTree.fromstring(description.content)
+    assert root.tag == "{http://a9.com/-/spec/opensearch/1.1/}OpenSearchDescription"
+    assert root.findtext("os:ShortName", namespaces=ns) == "megrez-search"
+    assert root.findtext("os:InputEncoding", namespaces=ns) == "UTF-8"
+    search = root.find("os:Url[@type='text/html']", ns)
+    assert search.get("method") == "get" and search.get("template") == f"{base}/?q={{searchTerms}}"
+    assert root.find("os:Url[@rel='self']", ns).get("template") == f"{base}/opensearch.xml"
+    assert root.findtext("moz:SearchForm", namespaces=ns) == f"{base}/"
 
 
 async def test_info_tells_the_page_what_the_service_takes(tokenizer_dir, corpus_backend):

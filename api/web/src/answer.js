@@ -9,9 +9,15 @@
 // Citation markers `[n]` in the rendered text become chips linking to source n; hovering, focusing or
 // (on touch screens) tapping a chip shows the passage the model was given for it. Markers inside code
 // stay text, and a number with no source stays text too (the agent already drops unknown numbers).
+// A chip is a 24 px target at least (WCAG 2.2 target size), and its popover is placed where it covers
+// neither another chip of the answer nor the ask box.
+//
+// Copy and Export give an answer as Markdown: its text with the `[n]` markers kept, then the sources it
+// cites, numbered, with their URLs (`answerMarkdown`).
 
 import DOMPurify from "dompurify";
 import { Marked } from "marked";
+import { label, t } from "./i18n.js";
 
 const ALLOWED_TAGS = [
   "a", "blockquote", "br", "code", "del", "em", "h1", "h2", "h3", "h4", "h5", "h6", "hr", "li", "ol",
@@ -107,8 +113,67 @@ function chip(n, source) {
   a.dataset.n = String(n);
   const unsupported = source.supported === false;
   if (unsupported) a.classList.add("unsupported");
-  a.setAttribute("aria-label", `Source ${n}: ${source.title}${unsupported ? " (may not support this)" : ""}`);
-  return a;
+  return label(a, "chip", { n, title: source.title || source.url, unsupported }, "aria-label");
+}
+
+const escapeMarkdown = (s) => s.replace(/[\\`*_[\]<>]/g, "\\$&");
+
+/**
+ * An answer as Markdown: `text` with its `[n]` markers, then the sources it cites, numbered, with their URLs.
+ *
+ * @param {string} text the answer (Markdown, citations as [n])
+ * @param {(n: number) => {url: string, title?: string}|undefined} sourceOf source n
+ * @returns {string} e.g. "… Champ de Mars [1].\n\n**Sources**\n\n- [1] [Eiffel Tower](https://…)\n"
+ */
+export function answerMarkdown(text, sourceOf) {
+  const cited = [...new Set([...text.matchAll(CITATION)].map((m) => Number(m[1])))]
+    .filter((n) => sourceOf(n))
+    .sort((a, b) => a - b);
+  const body = text.trim();
+  if (!cited.length) return `${body}\n`;
+  const lines = cited.map((n) => {
+    const source = sourceOf(n);
+    const title = escapeMarkdown((source.title || source.url).replace(/\s+/g, " "));
+    const href = safeUrl(source.url);
+    // Parentheses would end a Markdown link's destination early.
+    if (!href) return `- [${n}] ${title} (${source.url})`;
+    return `- [${n}] [${title}](${href.replace(/[()]/g, encodeURIComponent)})`;
+  });
+  return `${body}\n\n**${t("sources")}**\n\n${lines.join("\n")}\n`;
+}
+
+const GAP = 6; // between a chip and its popover
+const CRAMPED = 96; // a popover this low (px) shows too little of its passage: used only when nothing else fits
+
+/**
+ * Place `popover` above or below `target`: the side where it covers no other chip of the answer and stays
+ * inside `room` (the reading area above the ask box), else the side where it covers the fewest, cut to fit
+ * (its passage scrolls).
+ */
+function place(popover, target, room) {
+  popover.style.maxHeight = "";
+  const box = target.getBoundingClientRect();
+  const width = Math.min(360, window.innerWidth - 16);
+  popover.style.width = `${width}px`;
+  const left = Math.max(8, Math.min(box.left, window.innerWidth - width - 8));
+  const height = popover.offsetHeight;
+  const { top, bottom } = room();
+  const others = [...(target.closest(".answer")?.querySelectorAll(".chip") ?? [])]
+    .filter((chip) => chip !== target)
+    .map((chip) => chip.getBoundingClientRect());
+  const sides = [
+    { from: box.bottom + GAP, space: bottom - box.bottom - GAP, above: false },
+    { from: box.top - GAP, space: box.top - GAP - top, above: true },
+  ].map(({ from, space, above }) => {
+    const h = Math.max(0, Math.min(height, space));
+    const y = above ? from - h : from;
+    const hits = others.filter((r) => r.left < left + width && r.right > left && r.top < y + h && r.bottom > y);
+    return { y, h, hits: hits.length, cramped: h < Math.min(height, CRAMPED) };
+  });
+  const best = sides.sort((a, b) => a.cramped - b.cramped || a.hits - b.hits || b.h - a.h)[0];
+  if (best.h < height) popover.style.maxHeight = `${best.h}px`;
+  popover.style.left = `${left + window.scrollX}px`;
+  popover.style.top = `${best.y + window.scrollY}px`;
 }
 
 /**
@@ -116,8 +181,10 @@ function chip(n, source) {
  *
  * @param {HTMLElement} popover the (hidden) popover element
  * @param {(chip: HTMLElement) => {n, url, title, domain?, passage?, snippet?, supported?}|undefined} lookup
+ * @param {() => {top: number, bottom: number}} room where a popover may go (viewport pixels): the reading
+ *   area, above the ask box
  */
-export function citationPopover(popover, lookup) {
+export function citationPopover(popover, lookup, room = () => ({ top: 0, bottom: window.innerHeight })) {
   let current = null; // the chip whose popover shows
   let pinned = null; // the chip a tap opened: a second tap on it follows its link
   let touched = false; // the last pointer was a finger (or a pen)
@@ -144,18 +211,13 @@ export function citationPopover(popover, lookup) {
     if (info.supported === false) {
       const warn = document.createElement("p");
       warn.className = "popover-warning";
-      warn.textContent = "The support check found this passage may not back the sentence citing it.";
+      warn.textContent = t("unsupported");
       popover.append(warn);
     }
     popover.id ||= "popover";
     target.setAttribute("aria-describedby", popover.id);
     popover.hidden = false;
-    const box = target.getBoundingClientRect();
-    const width = Math.min(360, window.innerWidth - 16);
-    popover.style.width = `${width}px`;
-    popover.style.left = `${Math.max(8, Math.min(box.left, window.innerWidth - width - 8)) + window.scrollX}px`;
-    const below = box.bottom + 6 + popover.offsetHeight < window.innerHeight;
-    popover.style.top = `${(below ? box.bottom + 6 : box.top - 6 - popover.offsetHeight) + window.scrollY}px`;
+    place(popover, target, room);
   };
   const chipOf = (event) => event.target.closest?.(".chip");
   document.addEventListener("pointerdown", (e) => (touched = e.pointerType !== "mouse"), true);
@@ -175,5 +237,12 @@ export function citationPopover(popover, lookup) {
   });
   document.addEventListener("keydown", (e) => e.key === "Escape" && hide());
   window.addEventListener("resize", hide);
-  document.addEventListener("scroll", (e) => popover.contains(e.target) || hide(), true); // the thread scrolls
+  // The thread scrolls: the popover goes along with its chip while the chip is in the reading area.
+  const follow = () => {
+    const { top, bottom } = current.getBoundingClientRect();
+    const area = room();
+    if (top < area.top || bottom > area.bottom) hide();
+    else place(popover, current, room);
+  };
+  document.addEventListener("scroll", (e) => current && !popover.contains(e.target) && follow(), true);
 }

@@ -1,35 +1,58 @@
-// The page: the ask box, the thread of answers, the conversation history, the API key.
+// The page: the ask box, the thread of answers, the service's state, the API key, and how they meet.
 //
 // State is small and lives here: the open conversation (also in the URL, #/c/<id>, so a reload or a
 // shared link reopens it), the turn being answered, and the service's /info. A turn that is still
 // running when the page reloads is remembered in sessionStorage and followed again from its start.
+// `/?q=…&mode=…` asks a question on arrival (what the OpenSearch description, /opensearch.xml, sends),
+// once the engine is ready; until then the ask box is disabled and says why (/info's `engine`, `setup`).
 
 import { ApiError, call, follow, getJSON, saveKey, storedKey } from "./api.js";
 import { citationPopover } from "./answer.js";
-import { Attachments, appendMedia, Recorder } from "./media.js";
+import { errorLabel, knows, label, lang, relabel, setLanguage, t } from "./i18n.js";
+import { Attachments, appendMedia } from "./media.js";
+import { ReadingArea } from "./reading.js";
+import { Sidebar } from "./sidebar.js";
 import { TurnView } from "./turn.js";
 
 const $ = (id) => document.getElementById(id);
 const ui = {
-  thread: $("thread"), welcome: $("welcome"), question: $("question"), composer: $("composer"),
-  mode: $("mode"), send: $("send"), stop: $("stop"), note: $("composer-note"), history: $("history"),
-  historyEmpty: $("history-empty"), sidebar: $("sidebar"), toggle: $("toggle-sidebar"), state: $("service-state"),
+  thread: $("thread"), welcome: $("welcome"), examples: $("examples"), question: $("question"),
+  composer: $("composer"), mode: $("mode"), send: $("send"), stop: $("stop"), note: $("composer-note"),
+  state: $("service-state"), engineNote: $("engine-note"), exportButton: $("export"), lang: $("lang"),
   keyDialog: $("key-dialog"), keyForm: $("key-form"), keyInput: $("key-input"), keyError: $("key-error"),
 };
 const PENDING = "megrez.pending"; // {conversationId, messageId, question} of a turn still running
+const MODES = ["auto", "always", "off"];
 const app = { info: null, conversationId: null, running: null, views: new WeakMap() };
+app.ready = new Promise((resolve) => (app.markReady = resolve));
+const errorText = (error) => t(...errorLabel(error));
 const media = new Attachments($("attachments"), note);
+const reading = new ReadingArea(ui.thread, $("jump"));
+const sidebar = new Sidebar(
+  {
+    sidebar: $("sidebar"), toggle: $("toggle-sidebar"), close: $("close-sidebar"), scrim: $("scrim"),
+    inert: [document.querySelector(".main"), document.querySelector(".skip")],
+    list: $("history"), empty: $("history-empty"), filter: $("history-filter"),
+  },
+  {
+    keyed,
+    current: () => app.conversationId,
+    onDeleted: (c) => c.id === app.conversationId && newChat(),
+    note,
+  },
+);
 
-function note(message) {
-  ui.note.textContent = message;
+/** Tell the reader something for a few seconds (an i18n key and its values). */
+function note(key, params = {}) {
+  label(ui.note, key, params);
   clearTimeout(note.timer);
-  if (message) note.timer = setTimeout(() => (ui.note.textContent = ""), 6000);
+  if (ui.note.textContent) note.timer = setTimeout(() => label(ui.note, "raw", { text: "" }), 6000);
 }
 
 // --- API key --------------------------------------------------------------------------------------
 
-function askKey(message = "") {
-  ui.keyError.textContent = message;
+function askKey(rejected) {
+  label(ui.keyError, rejected ? "key_rejected" : "raw", { text: "" });
   ui.keyInput.value = "";
   ui.keyDialog.showModal();
   return new Promise((resolve) => {
@@ -49,8 +72,9 @@ async function keyed(fn) {
       return await fn();
     } catch (error) {
       if (!(error instanceof ApiError) || error.status !== 401) throw error;
+      const rejected = Boolean(storedKey());
       saveKey("");
-      await askKey(storedKey() ? "That key was not accepted." : error.message);
+      await askKey(rejected);
     }
   }
 }
@@ -61,83 +85,64 @@ async function loadInfo() {
   let info;
   try {
     info = await getJSON("/info");
-  } catch (error) {
-    ui.state.textContent = `Service unreachable: ${error.message}`;
+  } catch {
+    label(ui.state, "state.unreachable");
     setTimeout(loadInfo, 3000);
     return;
   }
   if (info.keys_required && info.ready === undefined) {
-    await askKey(storedKey() ? "That key was not accepted." : "");
+    await askKey(Boolean(storedKey()));
     return loadInfo();
   }
   app.info = info;
   media.accepts = new Set(info.media);
   media.model = info.model;
   media.limits = info.limits;
-  for (const id of ["attach-image", "record", "attach-audio"]) {
-    const kind = id === "attach-image" ? "image" : "audio";
-    $(id).setAttribute("aria-disabled", String(Boolean(media.refusal(kind))));
-    $(id).title = media.refusal(kind) || $(id).getAttribute("aria-label");
+  for (const [id, kind, name] of [["attach-image", "image", "attach_images"], ["record", "audio", "record"],
+    ["attach-audio", "audio", "upload_audio"]]) {
+    const why = media.refusal(kind);
+    $(id).setAttribute("aria-disabled", String(Boolean(why)));
+    const [key, params] = why ?? [name, {}];
+    label($(id), key, params, "title");
   }
-  // engine: loading | ready | unavailable (it may come back: keep asking); the detail is sent to key holders only.
-  const states = { ready: "", loading: "Model loading…", unavailable: "The model engine is unavailable right now." };
-  const detail = info.engine !== "ready" && info.engine_detail ? ` (${info.engine_detail})` : "";
-  ui.state.textContent = (states[info.engine] ?? "") + detail;
-  if (!info.ready) setTimeout(loadInfo, 3000);
+  showState();
+  if (info.ready) app.markReady();
+  else setTimeout(loadInfo, 3000);
 }
 
-// --- history --------------------------------------------------------------------------------------
-
-async function loadHistory() {
-  let conversations;
-  try {
-    conversations = await keyed(() => getJSON("/conversations"));
-  } catch (error) {
-    ui.historyEmpty.textContent = `History unavailable: ${error.message}`;
-    ui.historyEmpty.hidden = false;
-    return;
-  }
-  ui.history.replaceChildren(
-    ...conversations.map((c) => {
-      const item = document.createElement("li");
-      const open = document.createElement("a");
-      open.className = "history-open";
-      open.href = `#/c/${encodeURIComponent(c.id)}`;
-      open.textContent = c.title || "Untitled";
-      open.dir = "auto";
-      if (c.id === app.conversationId) open.setAttribute("aria-current", "page");
-      const remove = document.createElement("button");
-      remove.type = "button";
-      remove.className = "history-delete";
-      remove.textContent = "×";
-      remove.setAttribute("aria-label", `Delete “${c.title}”`);
-      remove.addEventListener("click", () => deleteConversation(c));
-      item.append(open, remove);
-      return item;
-    }),
-  );
-  ui.historyEmpty.textContent = "No conversations yet.";
-  ui.historyEmpty.hidden = conversations.length > 0;
+/** The engine's state as a short plain status, and until it is ready the ask box disabled with the reason.
+ * The engine's own error (library text, server addresses) is for operators: the log and /readyz. */
+function showState() {
+  const info = app.info;
+  if (!info) return;
+  const engine = info.engine ?? (info.ready ? "ready" : "loading");
+  const ready = engine === "ready" && info.ready !== false;
+  const hints = (info.setup ?? []).filter((h) => knows(`setup.${h.code}`));
+  const engineHint = hints.find((h) => h.code.startsWith("engine_"));
+  const searchHint = hints.find((h) => h.code === "search_no_backend");
+  if (!ready) label(ui.state, engine === "loading" ? "state.loading" : "state.unavailable");
+  else label(ui.state, searchHint ? "state.no_search" : "raw", { text: "" });
+  const hint = ready ? searchHint : engineHint;
+  if (hint) label(ui.engineNote, `setup.${hint.code}`, hint.params ?? {});
+  else label(ui.engineNote, ready ? "raw" : `reason.${engine === "loading" ? "loading" : "unavailable"}`, { text: "" });
+  ui.engineNote.hidden = !ui.engineNote.textContent;
+  ui.question.disabled = ui.send.disabled = !ready;
+  ui.composer.classList.toggle("unready", !ready);
+  for (const example of ui.examples.querySelectorAll("button")) example.disabled = !ready;
 }
 
-async function deleteConversation(conversation) {
-  if (!confirm(`Delete “${conversation.title}”?`)) return;
-  try {
-    await keyed(() => call(`/conversations/${encodeURIComponent(conversation.id)}`, { method: "DELETE" }));
-  } catch (error) {
-    if (error.status !== 404) return note(`Could not delete: ${error.message}`);
-  }
-  if (conversation.id === app.conversationId) newChat();
-  loadHistory();
-}
+// --- conversations --------------------------------------------------------------------------------
 
 function newChat() {
-  if (app.running) return note("Stop the current answer first.");
+  if (app.running) return note("stop_first");
+  sidebar.close({ refocus: false });
   app.conversationId = null;
   history.replaceState(null, "", location.pathname);
   ui.thread.replaceChildren(ui.welcome);
   ui.welcome.hidden = false;
-  loadHistory();
+  ui.exportButton.hidden = true;
+  reading.reset();
+  sidebar.load();
   ui.question.focus();
 }
 
@@ -147,17 +152,22 @@ async function openConversation(id) {
   try {
     conversation = await keyed(() => getJSON(`/conversations/${encodeURIComponent(id)}`));
   } catch (error) {
-    note(error.status === 404 ? "That conversation no longer exists." : `Could not open it: ${error.message}`);
+    note(error.status === 404 ? "gone" : "open_failed", { error: errorText(error) });
     return newChat();
   }
   app.conversationId = id;
-  ui.welcome.hidden = true;
   ui.thread.replaceChildren(ui.welcome);
-  for (const turn of conversation.turns) {
-    const view = addView(turn.question, turn.media.map((m) => ({ kind: m.kind })));
+  // A stopped or failed turn asked again right after was replaced by that retry: show the retry only.
+  const turns = conversation.turns.filter(
+    (turn, i, all) => turn.status === "done" || all[i + 1]?.question !== turn.question,
+  );
+  let view;
+  for (const turn of turns) {
+    view = addView(turn.question, { shown: turn.media.map((m) => ({ kind: m.kind })), follow: false });
     view.showStored(turn);
   }
-  loadHistory();
+  if (view) reading.show(view.root);
+  sidebar.load();
   const pending = JSON.parse(sessionStorage.getItem(PENDING) || "null");
   if (pending?.conversationId === id && !conversation.turns.some((t) => t.message_id === pending.messageId)) {
     run(addView(pending.question), { messageId: pending.messageId }); // still running: follow it again
@@ -166,32 +176,57 @@ async function openConversation(id) {
 
 function route() {
   const match = /^#\/c\/(.+)$/.exec(location.hash);
-  if (match) openConversation(decodeURIComponent(match[1]));
+  return match ? openConversation(decodeURIComponent(match[1])) : undefined;
+}
+
+/** The conversation on the page as Markdown: its title, then each question with its answer and sources. */
+function exportConversation() {
+  const views = [...ui.thread.querySelectorAll(".turn")].map((root) => app.views.get(root)).filter(Boolean);
+  if (!views.length) return;
+  const line = (s) => s.replace(/\s+/g, " ").trim();
+  const title = line(sidebar.conversations.find((c) => c.id === app.conversationId)?.title || views[0].question);
+  const parts = [`# ${title}`, ...views.map((v) => `## ${line(v.question)}\n\n${v.markdown().trimEnd()}`)];
+  const text = `${parts.join("\n\n")}\n`;
+  const link = document.createElement("a");
+  link.href = URL.createObjectURL(new Blob([text], { type: "text/markdown;charset=utf-8" }));
+  link.download = `${title.replace(/[\\/:*?"<>|\s]+/g, "-").slice(0, 80) || "conversation"}.md`;
+  document.body.append(link);
+  link.click();
+  link.remove();
+  setTimeout(() => URL.revokeObjectURL(link.href), 10_000);
 }
 
 // --- asking ---------------------------------------------------------------------------------------
 
-function addView(question, shown = [], mode = ui.mode.value) {
+/** A new turn on the page, appended (and followed) or in place of `replace` (a retried turn). */
+function addView(question, { shown = [], mode = ui.mode.value, replace = null, follow = true } = {}) {
   const view = new TurnView(question, {
     media: shown,
     onFollowUp: (q) => ask(q),
-    onRetry: (v) => ask(v.question, { items: v.items || [], mode: v.mode }),
+    onRetry: (v) => {
+      const last = v.root === ui.thread.querySelector(".turn:last-of-type");
+      const replace = last && (v.status === "stopped" || v.status === "failed") ? v : null;
+      ask(v.question, { items: v.items || [], mode: v.mode, replace });
+    },
   });
   view.mode = mode;
   app.views.set(view.root, view);
   ui.welcome.hidden = true;
-  ui.thread.append(view.root);
-  view.root.scrollIntoView({ block: "start", behavior: "smooth" });
+  ui.exportButton.hidden = false;
+  if (replace) replace.root.replaceWith(view.root);
+  else ui.thread.append(view.root);
+  if (follow) reading.follow(view.root);
   return view;
 }
 
-async function ask(question, { items = media.take(), mode = ui.mode.value } = {}) {
+async function ask(question, { items = media.take(), mode = ui.mode.value, replace = null } = {}) {
   question = question.trim();
-  if (!question || app.running) return;
-  if (app.info && question.length > app.info.limits.max_message_chars) {
-    return note(`The question is too long (at most ${app.info.limits.max_message_chars} characters).`);
+  if (!question || app.running || !app.info?.ready) return;
+  if (question.length > app.info.limits.max_message_chars) {
+    return note("too_long", { max: app.info.limits.max_message_chars });
   }
-  const view = addView(question, items.map((i) => ({ kind: i.kind, url: i.url, name: i.name })), mode);
+  const shown = items.map((i) => ({ kind: i.kind, url: i.url, name: i.name }));
+  const view = addView(question, { shown, mode, replace });
   view.items = items;
   performance.mark("megrez:ask");
   const form = new FormData();
@@ -222,10 +257,10 @@ async function run(view, { start, messageId }) {
         onEvent: (type, data) => {
           if (type === "meta") {
             app.conversationId = data.conversation_id;
-            history.replaceState(null, "", `#/c/${encodeURIComponent(data.conversation_id)}`);
-            const pending = { conversationId: data.conversation_id, messageId: data.message_id, question: view.question };
-            sessionStorage.setItem(PENDING, JSON.stringify(pending));
-            loadHistory();
+            history.replaceState(null, "", `${location.pathname}#/c/${encodeURIComponent(data.conversation_id)}`);
+            const { conversation_id: conversationId, message_id: messageId } = data;
+            sessionStorage.setItem(PENDING, JSON.stringify({ conversationId, messageId, question: view.question }));
+            sidebar.load();
           }
           view.onEvent(type, data);
         },
@@ -233,13 +268,13 @@ async function run(view, { start, messageId }) {
     );
     if (status !== "running") sessionStorage.removeItem(PENDING);
   } catch (error) {
-    if (error.name !== "AbortError") view.fail(error.message);
+    if (error.name !== "AbortError") view.fail(error);
     view.finish("failed");
     if (error.status !== 0) sessionStorage.removeItem(PENDING);
   } finally {
     app.running = null;
     setBusy(false);
-    loadHistory();
+    sidebar.load();
   }
 }
 
@@ -251,7 +286,7 @@ async function stop() {
   try {
     await keyed(() => call(`/chat/${encodeURIComponent(running.view.messageId)}/stop`, { method: "POST" }));
   } catch (error) {
-    note(`Could not stop: ${error.message}`);
+    note("stop_failed", { error: errorText(error) });
   } finally {
     ui.stop.disabled = false;
   }
@@ -271,12 +306,11 @@ function growQuestion() {
 }
 
 function wireComposer() {
-  ui.mode.value = localStorage.getItem("megrez.mode") || app.info?.default_mode || "auto";
   ui.mode.addEventListener("change", () => localStorage.setItem("megrez.mode", ui.mode.value));
   ui.composer.addEventListener("submit", (event) => {
     event.preventDefault();
     const question = ui.question.value;
-    if (!question.trim() || app.running) return;
+    if (!question.trim() || app.running || !app.info?.ready) return;
     ui.question.value = "";
     growQuestion();
     ask(question);
@@ -289,102 +323,69 @@ function wireComposer() {
     ui.composer.requestSubmit();
   });
   ui.stop.addEventListener("click", stop);
-  const pick = (input, kind) => () => {
-    const why = media.refusal(kind);
-    if (why) return note(why);
-    input.click();
-  };
-  $("attach-image").addEventListener("click", pick($("image-input"), "image"));
-  $("attach-audio").addEventListener("click", pick($("audio-input"), "audio"));
-  for (const input of [$("image-input"), $("audio-input")]) {
-    input.addEventListener("change", () => {
-      media.add(input.files);
-      input.value = "";
-    });
-  }
-  ui.question.addEventListener("paste", (event) => {
-    const files = [...(event.clipboardData?.files || [])];
-    if (files.length) {
-      event.preventDefault();
-      media.add(files);
-    }
-  });
-  document.addEventListener("dragover", (event) => {
-    if (event.dataTransfer?.types.includes("Files")) {
-      event.preventDefault();
-      ui.composer.classList.add("dropping");
-    }
-  });
-  document.addEventListener("dragleave", (event) => event.relatedTarget || ui.composer.classList.remove("dropping"));
-  document.addEventListener("drop", (event) => {
-    if (!event.dataTransfer?.files.length) return;
-    event.preventDefault();
-    ui.composer.classList.remove("dropping");
-    media.add(event.dataTransfer.files);
-  });
-  wireRecorder();
-}
-
-function wireRecorder() {
-  const button = $("record");
-  let recorder = null;
-  let timer = null;
-  button.addEventListener("click", async () => {
-    const why = media.refusal("audio") || (!Recorder.supported() && "This browser cannot record audio here.");
-    if (why) return note(why);
-    if (!recorder) {
-      recorder = new Recorder();
-      try {
-        await recorder.start();
-      } catch (error) {
-        recorder = null;
-        return note(`The microphone is not available: ${error.message}`);
-      }
-      button.setAttribute("aria-pressed", "true");
-      button.classList.add("recording");
-      const most = app.info?.limits.max_audio_seconds ?? 120;
-      timer = setInterval(() => {
-        note(`Recording ${Math.floor(recorder.seconds)} s — click the microphone to stop`);
-        if (recorder.seconds >= most) button.click();
-      }, 500);
-      return;
-    }
-    clearInterval(timer);
-    const done = recorder;
-    recorder = null;
-    button.setAttribute("aria-pressed", "false");
-    button.classList.remove("recording");
-    try {
-      media.add([await done.stop()]);
-      note("");
-    } catch (error) {
-      note(`The recording could not be used: ${error.message}`);
-    }
+  media.wire({
+    composer: ui.composer, question: ui.question, record: $("record"),
+    image: [$("attach-image"), $("image-input")], audio: [$("attach-audio"), $("audio-input")],
   });
 }
 
-function wireSidebar() {
+function drawExamples() {
+  ui.examples.replaceChildren(
+    ...t("examples_list").map((question) => {
+      const button = document.createElement("button");
+      button.type = "button";
+      button.className = "example";
+      button.dir = "auto";
+      button.textContent = question;
+      button.disabled = ui.question.disabled;
+      button.addEventListener("click", () => ask(question, { items: [] }));
+      const item = document.createElement("li");
+      item.append(button);
+      return item;
+    }),
+  );
+}
+
+function wirePage() {
   $("new-chat").addEventListener("click", newChat);
-  ui.toggle.addEventListener("click", () => {
-    const open = ui.sidebar.classList.toggle("open");
-    ui.toggle.setAttribute("aria-expanded", String(open));
-  });
-  ui.history.addEventListener("click", (event) => {
-    if (event.target.closest(".history-open")) ui.sidebar.classList.remove("open");
-  });
+  ui.exportButton.addEventListener("click", exportConversation);
   window.addEventListener("hashchange", route);
+  ui.lang.value = lang();
+  ui.lang.addEventListener("change", () => {
+    setLanguage(ui.lang.value);
+    drawExamples();
+    sidebar.draw();
+    showState();
+  });
+  citationPopover(
+    $("popover"),
+    (chip) => {
+      const view = app.views.get(chip.closest(".turn"));
+      const n = Number(chip.dataset.n);
+      const info = view?.sourceOf(n);
+      return info && { ...info, n };
+    },
+    () => ({ top: ui.thread.getBoundingClientRect().top, bottom: ui.composer.getBoundingClientRect().top }),
+  );
 }
 
-citationPopover($("popover"), (chip) => {
-  const view = app.views.get(chip.closest(".turn"));
-  const n = Number(chip.dataset.n);
-  const info = view?.sourceOf(n);
-  return info && { ...info, n };
-});
+// `/?q=…&mode=…`: asked once on arrival, then taken out of the URL so a reload does not ask it again.
+const arrival = new URLSearchParams(location.search);
+const arriving = arrival.get("q")?.trim();
+const arrivingMode = MODES.includes(arrival.get("mode")) ? arrival.get("mode") : null;
+if (arrival.has("q") || arrival.has("mode")) history.replaceState(null, "", location.pathname + location.hash);
+
+relabel();
+drawExamples();
 wireComposer();
-wireSidebar();
+wirePage();
 await loadInfo();
-ui.mode.value = localStorage.getItem("megrez.mode") || app.info?.default_mode || "auto";
-route();
-loadHistory();
-ui.question.focus();
+ui.mode.value = arrivingMode || localStorage.getItem("megrez.mode") || app.info?.default_mode || "auto";
+await route();
+sidebar.load();
+if (arriving) {
+  ui.question.value = arriving; // shown while the engine gets ready
+  await app.ready;
+  ui.question.value = "";
+  ask(arriving, { items: [] });
+} else ui.question.focus();

@@ -1,9 +1,11 @@
 // Images and voice for Megrez-3B-Omni: attached by button, drag and drop or paste; recorded with the
-// microphone or uploaded as a clip.
+// microphone or uploaded as a clip. A model that reads text only refuses them with a note saying so.
 //
 // A recording is converted in the browser to 16 kHz mono WAV (the rate the model's audio encoder takes):
 // MediaRecorder gives WebM/Opus in Chromium and MP4/AAC in Safari, formats the service does not read,
 // while WAV needs no codec on the server. Uploaded clips go as they are (WAV, FLAC, OGG, MP3).
+
+import { label, t } from "./i18n.js";
 
 const RATE = 16000;
 
@@ -11,7 +13,7 @@ const RATE = 16000;
 export class Attachments {
   /**
    * @param {HTMLElement} container where the thumbnails go
-   * @param {(message: string) => void} note shows a message to the user
+   * @param {(key: string, params?: object) => void} note shows a message to the user (an i18n key and its values)
    *
    * Example: `const media = new Attachments(div, showNote); media.limits = info.limits;
    * media.add(fileInput.files); form.append(...media.formParts())`
@@ -25,9 +27,10 @@ export class Attachments {
     this.limits = { max_images: 4, max_audio: 2 };
   }
 
+  /** Why `kind` ("image" or "audio") cannot be attached, as [key, params] for `note`; null if it can. */
   refusal(kind) {
     if (this.accepts.has(kind)) return null;
-    return `The loaded model (${this.model || "unknown"}) reads text only: images and voice need Megrez-3B-Omni.`;
+    return ["text_only", { model: this.model || "?" }];
   }
 
   /** Add files (images and audio; anything else is refused with a note). */
@@ -35,17 +38,17 @@ export class Attachments {
     for (const file of files) {
       const kind = file.type.startsWith("image/") ? "image" : file.type.startsWith("audio/") ? "audio" : null;
       if (!kind) {
-        this.note(`${file.name || "That file"} is neither an image nor audio.`);
+        this.note("not_media", { name: file.name || t("that_file") });
         continue;
       }
       const why = this.refusal(kind);
       if (why) {
-        this.note(why);
+        this.note(...why);
         return;
       }
       const most = kind === "image" ? this.limits.max_images : this.limits.max_audio;
       if (this.items.filter((i) => i.kind === kind).length >= most) {
-        this.note(`At most ${most} ${kind === "image" ? "images" : "audio clips"} per question.`);
+        this.note(kind === "image" ? "most_images" : "most_audio", { most });
         continue;
       }
       this.items.push({ kind, file, url: URL.createObjectURL(file), name: file.name });
@@ -56,6 +59,85 @@ export class Attachments {
   remove(item) {
     this.items = this.items.filter((i) => i !== item);
     this.draw();
+  }
+
+  /**
+   * Wire the page's controls to this list: each kind's button and its file input, paste into the question box,
+   * files dropped anywhere on the page (the composer shows where they go), and the record button.
+   *
+   * @param {object} controls `composer`, `question`, `record`; `image` and `audio`: [button, file input]
+   */
+  wire({ composer, question, record, image, audio }) {
+    for (const [kind, [button, input]] of [["image", image], ["audio", audio]]) {
+      button.addEventListener("click", () => {
+        const why = this.refusal(kind);
+        if (why) return this.note(...why);
+        input.click();
+      });
+      input.addEventListener("change", () => {
+        this.add(input.files);
+        input.value = "";
+      });
+    }
+    question.addEventListener("paste", (event) => {
+      const files = [...(event.clipboardData?.files || [])];
+      if (files.length) {
+        event.preventDefault();
+        this.add(files);
+      }
+    });
+    document.addEventListener("dragover", (event) => {
+      if (event.dataTransfer?.types.includes("Files")) {
+        event.preventDefault();
+        composer.classList.add("dropping");
+      }
+    });
+    document.addEventListener("dragleave", (event) => event.relatedTarget || composer.classList.remove("dropping"));
+    document.addEventListener("drop", (event) => {
+      if (!event.dataTransfer?.files.length) return;
+      event.preventDefault();
+      composer.classList.remove("dropping");
+      this.add(event.dataTransfer.files);
+    });
+    this.wireRecorder(record);
+  }
+
+  /** The record button: a click starts recording, the next one (or the time limit) adds the clip. */
+  wireRecorder(button) {
+    let recorder = null;
+    let timer = null;
+    button.addEventListener("click", async () => {
+      const why = this.refusal("audio") || (!Recorder.supported() && ["no_recording"]);
+      if (why) return this.note(...why);
+      if (!recorder) {
+        recorder = new Recorder();
+        try {
+          await recorder.start();
+        } catch (error) {
+          recorder = null;
+          return this.note("no_microphone", { error: error.message });
+        }
+        button.setAttribute("aria-pressed", "true");
+        button.classList.add("recording");
+        const most = this.limits.max_audio_seconds ?? 120;
+        timer = setInterval(() => {
+          this.note("recording", { seconds: Math.floor(recorder.seconds) });
+          if (recorder.seconds >= most) button.click();
+        }, 500);
+        return;
+      }
+      clearInterval(timer);
+      const done = recorder;
+      recorder = null;
+      button.setAttribute("aria-pressed", "false");
+      button.classList.remove("recording");
+      try {
+        this.add([await done.stop()]);
+        this.note("raw", { text: "" });
+      } catch (error) {
+        this.note("bad_recording", { error: error.message });
+      }
+    });
   }
 
   /** Hand the items over (for the question being sent) and start empty. */
@@ -86,7 +168,7 @@ export class Attachments {
       remove.type = "button";
       remove.className = "remove";
       remove.textContent = "×";
-      remove.setAttribute("aria-label", `Remove ${item.name || item.kind}`);
+      label(remove, "remove", { name: item.name || t(item.kind) }, "aria-label");
       remove.addEventListener("click", () => this.remove(item));
       chip.append(remove);
       this.container.append(chip);

@@ -1,8 +1,13 @@
 // One question and its answer on the page, built from the stream's events (agent/events.py, api/schemas.py):
 // meta → status/query → sources → page… → token… (preamble, citation) → related → answer → done,
 // or error. A stored turn (GET /conversations/{id}) is drawn from its structured answer instead.
+//
+// A search round's line goes from "Searching: q" to one of three ends, told apart by the `sources` event
+// that closes the round: "Searched: q" (results), "No results: q" (a backend answered, with nothing) or
+// "Search failed (names): q" (every backend failed). A reloaded turn draws the same lines from its record.
 
-import { externalLink, renderAnswer } from "./answer.js";
+import { answerMarkdown, externalLink, renderAnswer } from "./answer.js";
+import { errorLabel, knows, label, noteLabel } from "./i18n.js";
 
 const el = (tag, className, text) => {
   const node = document.createElement(tag);
@@ -11,7 +16,19 @@ const el = (tag, className, text) => {
   return node;
 };
 
-const STATUS_LABEL = { done: "", stopped: "Stopped", failed: "Failed" };
+const LABELLED_ENDS = new Set(["stopped", "failed"]); // a turn that ended otherwise says nothing beside its buttons
+const NO_RESULTS = "no results"; // the reason the search chain gives a backend that answered with nothing
+const SEARCH_LINE = { searching: "searching", searched: "searched", empty: "search_empty", failed: "search_failed" };
+// Statuses drawn from the query, sources and page events instead (their own lines).
+const OWN_LINES = new Set(["searching", "reading", "selected"]);
+
+/** The end state of a search round from the `sources` event that closes it: searched, empty or failed. */
+function searchOutcome({ sources, backend = null, failures = [] }) {
+  if (sources.length) return { state: "searched" };
+  const failed = failures.filter((f) => f.reason !== NO_RESULTS).map((f) => f.backend);
+  const answered = backend !== null || failures.some((f) => f.reason === NO_RESULTS);
+  return !answered && failed.length ? { state: "failed", backends: failed.join(", ") } : { state: "empty" };
+}
 
 export class TurnView {
   /**
@@ -29,6 +46,7 @@ export class TurnView {
     this.citations = new Map(); // n → CitationRef (passage, supported) once the answer is in
     this.text = "";
     this.status = "running";
+    this.queries = new Map(); // round → query
     this.marks = new Set();
     this.root = el("article", "turn");
     this.root.setAttribute("aria-busy", "true");
@@ -41,16 +59,17 @@ export class TurnView {
         if (item.url && item.kind === "image") {
           const img = el("img", "question-thumb");
           img.src = item.url;
-          img.alt = item.name || "attached image";
+          if (item.name) img.alt = item.name;
+          else label(img, "attached_image", {}, "alt");
           list.append(img);
-        } else list.append(el("span", "media-tag", item.kind === "image" ? "image" : "audio"));
+        } else list.append(label(el("span", "media-tag"), item.kind === "image" ? "image" : "audio"));
       }
       q.append(list);
     }
     this.steps = el("ul", "steps");
     this.sourceList = el("ol", "cards");
     this.sourceSection = el("section", "sources");
-    this.sourceSection.setAttribute("aria-label", "Sources");
+    label(this.sourceSection, "sources", {}, "aria-label");
     this.sourceSection.append(this.sourceList);
     this.sourceSection.hidden = true;
     this.preamble = el("p", "preamble");
@@ -62,10 +81,10 @@ export class TurnView {
     this.error.setAttribute("role", "alert");
     this.error.hidden = true;
     this.actions = el("div", "actions");
-    this.copyButton = el("button", "action", "Copy");
+    this.copyButton = label(el("button", "action"), "copy");
     this.copyButton.type = "button";
     this.copyButton.addEventListener("click", () => this.copy());
-    this.retryButton = el("button", "action", "Retry");
+    this.retryButton = label(el("button", "action"), "retry");
     this.retryButton.type = "button";
     this.retryButton.addEventListener("click", () => onRetry?.(this));
     this.statusLabel = el("span", "turn-status");
@@ -76,18 +95,24 @@ export class TurnView {
     this.onFollowUp = onFollowUp;
     this.root.append(q, this.steps, this.sourceSection, this.preamble, this.answer, this.error, this.notes,
       this.actions, this.related);
-    this.step("Thinking…", "thinking");
+    this.step("thinking", "thinking");
   }
 
-  /** Show a progress line; `key` names a line that later updates replace. */
-  step(text, key) {
-    let line = key && this.steps.querySelector(`[data-key="${key}"]`);
+  /** Show progress line `key` (a later step with the same key replaces it), worded by `text` (i18n) and `params`. */
+  step(key, text, params = {}) {
+    let line = this.steps.querySelector(`[data-key="${key}"]`);
     if (!line) {
       line = el("li", "step");
-      if (key) line.dataset.key = key;
+      line.dataset.key = key;
       this.steps.append(line);
     }
-    line.textContent = text;
+    return label(line, text, params);
+  }
+
+  /** The line of search round `round`: searching, or how it ended (see `searchOutcome`). */
+  searchLine(round, query, outcome = { state: "searching" }) {
+    const line = this.step(`query-${round}`, SEARCH_LINE[outcome.state], { query, backends: outcome.backends });
+    line.className = `step query ${outcome.state}`;
     return line;
   }
 
@@ -108,11 +133,14 @@ export class TurnView {
         this.root.dataset.messageId = data.message_id;
         break;
       case "status":
-        if (data.stage !== "searching" && data.stage !== "reading") this.step(data.message, "thinking");
+        if (data.code ? OWN_LINES.has(data.code) : data.stage === "searching" || data.stage === "reading") break;
+        if (data.code && knows(`status.${data.code}`)) this.step("thinking", `status.${data.code}`, data.params);
+        else this.step("thinking", "raw", { text: data.message }); // a service older than status codes
         break;
       case "query":
         this.steps.querySelector('[data-key="thinking"]')?.remove();
-        this.step(`Searching: ${data.query}`, `query-${data.round}`).classList.add("query");
+        this.queries.set(data.round, data.query);
+        this.searchLine(data.round, data.query);
         break;
       case "sources":
         this.addSources(data);
@@ -144,7 +172,7 @@ export class TurnView {
         this.finishAnswer(data.answer);
         break;
       case "error":
-        this.fail(data.message);
+        this.fail(data);
         break;
       case "done":
         this.finish(data.status);
@@ -152,7 +180,8 @@ export class TurnView {
     }
   }
 
-  addSources({ round, sources, failures = [] }) {
+  addSources(event) {
+    const { round, sources } = event;
     for (const source of sources) {
       if (this.sources.has(source.n)) continue;
       this.sources.set(source.n, source);
@@ -166,9 +195,8 @@ export class TurnView {
       this.sourceList.append(card);
     }
     this.sourceSection.hidden = this.sources.size === 0;
-    const failed = failures.length ? ` (${failures.map((f) => f.backend).join(", ")} failed)` : "";
-    if (!sources.length) this.step(`No results${failed}`, `read-${round}`);
-    else {
+    if (this.queries.has(round)) this.searchLine(round, this.queries.get(round), searchOutcome(event));
+    if (sources.length) {
       this.reading = { round, total: sources.length, read: 0, snippet: 0 };
       this.updateReading();
       this.mark("sources");
@@ -179,7 +207,11 @@ export class TurnView {
     const card = [...this.sourceList.children].find((c) => this.sources.get(Number(c.dataset.n))?.url === url);
     if (card) {
       card.classList.add(source === "page" ? "read" : "snippet");
-      card.title = source === "page" ? "Read" : `Used the snippet: ${error || "the page could not be read"}`;
+      if (source === "page") label(card, "card_read", {}, "title");
+      else {
+        label(card, "card_snippet_why", { error }, "title");
+        label(card.querySelector(".card-head"), "card_snippet", {}, "data-badge");
+      }
     }
     if (this.reading) {
       this.reading[source === "page" ? "read" : "snippet"] += 1;
@@ -189,11 +221,8 @@ export class TurnView {
 
   updateReading() {
     const { round, total, read, snippet } = this.reading;
-    const done = read + snippet;
-    const parts = [`${read} read`];
-    if (snippet) parts.push(`${snippet} from snippets`);
-    const text = done < total ? `Reading ${total} pages: ${parts.join(", ")}` : `Read ${total} pages: ${parts.join(", ")}`;
-    this.step(text, `read-${round}`).classList.toggle("done", done >= total);
+    const done = read + snippet >= total;
+    this.step(`read-${round}`, done ? "read" : "reading", { total, read, snippet }).classList.toggle("done", done);
   }
 
   sourceOf = (n) => {
@@ -222,12 +251,12 @@ export class TurnView {
     cancelAnimationFrame(this.pending);
     this.pending = null;
     renderAnswer(this.answer, this.text, this.sourceOf);
-    this.notes.replaceChildren(...answer.notes.map((note) => el("li", "", note)));
+    this.notes.replaceChildren(...answer.notes.map((note) => label(el("li"), ...noteLabel(note))));
     if (answer.related?.length) this.showRelated(answer.related);
   }
 
   showRelated(questions) {
-    this.related.replaceChildren(el("h3", "", "Related"));
+    this.related.replaceChildren(label(el("h3"), "related"));
     const list = el("ul");
     for (const question of questions) {
       const button = el("button", "follow-up", question);
@@ -242,14 +271,14 @@ export class TurnView {
     this.related.hidden = questions.length === 0;
   }
 
-  fail(message) {
-    this.error.textContent = message;
+  /** Show why the turn failed: an error event (worded by its code) or an ApiError (by its status). */
+  fail(error) {
+    label(this.error, ...errorLabel(error));
     this.error.hidden = false;
   }
 
   connection(state) {
-    this.step(state === "reconnecting" ? "Connection lost, reconnecting…" : "", "connection").hidden =
-      state !== "reconnecting";
+    this.step("connection", "reconnecting").hidden = state !== "reconnecting";
   }
 
   finish(status) {
@@ -258,7 +287,7 @@ export class TurnView {
     this.root.dataset.status = status;
     this.steps.querySelector('[data-key="thinking"]')?.remove();
     this.steps.querySelector('[data-key="connection"]')?.remove();
-    this.statusLabel.textContent = STATUS_LABEL[status] ?? status;
+    label(this.statusLabel, LABELLED_ENDS.has(status) ? status : "raw", { text: "" });
     this.actions.hidden = false;
     this.copyButton.hidden = !this.text;
     if (this.pending) {
@@ -274,16 +303,36 @@ export class TurnView {
     this.root.dataset.messageId = turn.message_id;
     const { answer } = turn;
     this.steps.replaceChildren();
-    for (const query of answer.queries) this.step(`Searched: ${query}`).classList.add("query");
-    this.addSources({ round: 1, sources: answer.sources });
-    this.steps.querySelector('[data-key="read-1"]')?.remove();
+    // The notes tell which searches found nothing, and why ("local: no results; web: unavailable: …"), or
+    // crashed; the others found what the sources show.
+    const ended = new Map();
+    for (const note of answer.notes) {
+      if (note.code !== "search_empty") continue;
+      const failures = (note.params?.reasons || "").split("; ").filter(Boolean).map((part) => {
+        const [backend, ...reason] = part.split(": ");
+        return { backend, reason: reason.join(": ") };
+      });
+      ended.set(note.params?.query, searchOutcome({ sources: [], failures }));
+    }
+    const crashed = answer.notes.some((n) => n.code === "search_failed");
+    answer.queries.forEach((query, i) => {
+      const last = i === answer.queries.length - 1;
+      this.searchLine(i + 1, query, ended.get(query) ?? { state: crashed && last ? "failed" : "searched" });
+    });
+    this.addSources({ round: 0, sources: answer.sources });
+    this.steps.querySelector('[data-key="read-0"]')?.remove();
     this.finishAnswer(answer, { streamed: false });
-    if (turn.error) this.fail(turn.error.message); // a failed turn keeps what it showed, and says why it failed
+    if (turn.error) this.fail(turn.error); // a failed turn keeps what it showed, and says why it failed
     this.finish(turn.status);
   }
 
+  /** The answer as Markdown: text with `[n]`, then its cited sources (answer.js `answerMarkdown`). */
+  markdown() {
+    return answerMarkdown(this.text, this.sourceOf);
+  }
+
   async copy() {
-    const text = this.answer.innerText;
+    const text = this.markdown();
     try {
       await navigator.clipboard.writeText(text);
     } catch {
@@ -293,7 +342,7 @@ export class TurnView {
       document.execCommand("copy");
       area.remove();
     }
-    this.copyButton.textContent = "Copied";
-    setTimeout(() => (this.copyButton.textContent = "Copy"), 1500);
+    label(this.copyButton, "copied");
+    setTimeout(() => label(this.copyButton, "copy"), 1500);
   }
 }
