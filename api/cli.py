@@ -1,28 +1,31 @@
-"""The ``megrez-search`` command: ask, search, extract, select and support from the shell (and for benchmarks)."""
+"""The ``megrez-search`` command: ask, search, extract, select and support from the shell (and for benchmarks).
+
+Its streams have one job each: stdout carries the result (the answer, JSON, passages), stderr one line per
+step of progress and the one-line message of a failure. Library logs (the agent's own warnings, httpx,
+vLLM) would break both, so they reach stderr only with ``-v``; ``serve`` always logs (``--log-format``).
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import gzip
-import json
+import contextlib
+import logging
 import os
 import sys
+import warnings
 from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
 
+from api.cli_batch import CommandFailed, UsageError, cmd_extract, cmd_select, cmd_support, emit
 from retrieval.events import PageEvent, RetrievalEvent, SearchEvent
-from retrieval.types import Page
 
-
-class UsageError(Exception):
-    """Bad input from the user: printed as one line, exit status 2."""
-
-
-class CommandFailed(Exception):
-    """The command could not do its job (engine down, engine error): printed as one line, exit status 1."""
+EXIT_STATUS = """exit status:
+  0    done (a search that finds nothing too: "no results" on stderr)
+  1    the command failed: the engine did not start or failed, no search backend answered
+  2    usage error: a bad option, input line, file or setting
+  130  interrupted (Ctrl-C)"""
 
 
 def _settings():
@@ -40,10 +43,6 @@ def _settings():
         raise UsageError(f"invalid settings: {problems}") from None
 
 
-def _emit(obj: dict) -> None:
-    sys.stdout.write(json.dumps(obj, ensure_ascii=False) + "\n")
-
-
 async def cmd_search(args: argparse.Namespace) -> None:
     from retrieval.pipeline import Retriever
 
@@ -58,7 +57,8 @@ async def cmd_search(args: argparse.Namespace) -> None:
         if isinstance(event, SearchEvent):
             for failure in event.failures:
                 print(f"· {failure.backend}: {failure.reason}", file=sys.stderr)
-            print(f"· {len(event.results)} results from {event.backend or 'no backend'}", file=sys.stderr)
+            if event.results:
+                print(f"· {len(event.results)} results from {event.backend}", file=sys.stderr)
         elif isinstance(event, PageEvent):
             note = f" ({event.error})" if event.error else ""
             print(f"· {event.source}: {event.url}{note}", file=sys.stderr)
@@ -72,15 +72,21 @@ async def cmd_search(args: argparse.Namespace) -> None:
             budget_tokens=args.budget,
             on_event=None if args.json else progress,
         )
+    failures = found.outcome.failures
     if not found.outcome.results:
-        reasons = "; ".join(f"{b}: {r}" for b, r in found.outcome.failures) or "empty query"
-        raise UsageError(f"no results ({reasons})")
+        if not failures:  # the chain searched nothing: the query has no words
+            raise UsageError("empty query")
+        reasons = "; ".join(f"{b}: {r}" for b, r in failures)
+        # A backend that answered with nothing is an answer (exit 0); every backend failing is not.
+        if all(reason != "no results" for _, reason in failures):
+            raise CommandFailed(f"no search backend answered ({reasons})")
+        print(f"megrez-search search: no results ({reasons})", file=sys.stderr)
     if args.json:
-        _emit(
+        emit(
             {
                 "query": found.query,
                 "backend": found.outcome.backend,
-                "failures": [list(f) for f in found.outcome.failures],
+                "failures": [list(f) for f in failures],
                 "results": [asdict(r) for r in found.outcome.results],
                 **({"passages": [asdict(p) for p in found.passages]} if args.fetch else {}),
             }
@@ -99,89 +105,17 @@ async def cmd_search(args: argparse.Namespace) -> None:
         print(f"[{n}] {title} — {url}")
 
 
-def cmd_extract(args: argparse.Namespace) -> None:
-    from retrieval.extract import extract
-
-    if args.batch is None:
-        doc = extract(sys.stdin.buffer.read(), url=args.url)
-        if args.json:
-            _emit({"title": doc.title, "date": doc.date, "language": doc.language, "text": doc.text})
-        else:
-            sys.stdout.write((f"{doc.title}\n\n" if doc.title else "") + doc.text + "\n")
-        return
-    folder = Path(args.batch)
-    if not folder.is_dir():
-        raise UsageError(f"--batch {folder}: not a directory")
-    for path in sorted([*folder.glob("*.html"), *folder.glob("*.html.gz")]):
-        raw = path.read_bytes()
-        if path.suffix == ".gz":
-            raw = gzip.decompress(raw)
-        doc = extract(raw)
-        _emit({"id": path.name.removesuffix(".gz").removesuffix(".html"), "title": doc.title, "text": doc.text})
-
-
-def _jsonl(lines: Iterator[str]) -> Iterator[tuple[int, Any]]:
-    """``(line number, value)`` of each non-blank JSON line; a line that is not JSON is a usage error."""
-    for lineno, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            yield lineno, json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise UsageError(f"line {lineno}: not JSON ({exc.msg})") from None
-
-
-def _read_questions(lines: Iterator[str]) -> Iterator[tuple[int, dict]]:
-    for lineno, row in _jsonl(lines):
-        if not (isinstance(row, dict) and isinstance(row.get("question"), str) and isinstance(row.get("pages"), list)):
-            raise UsageError(f'line {lineno}: expected {{"id", "question", "pages": [{{"url", "title", "text"}}]}}')
-        for page in row["pages"]:
-            if (
-                not isinstance(page, dict)
-                or not isinstance(page.get("url"), str)
-                or not isinstance(page.get("text"), str)
-            ):
-                raise UsageError(f'line {lineno}: each page needs "url" and "text" strings')
-            if not isinstance(page.get("date") or "", str):
-                raise UsageError(f'line {lineno}: a page\'s "date" must be a string (YYYY-MM-DD)')
-        yield lineno, row
-
-
-def cmd_select(args: argparse.Namespace) -> None:
-    import datetime as dt
-
-    from retrieval.config import SelectConfig
-    from retrieval.passages import CHARS_PER_TOKEN, select_passages
-
-    passage_tokens = SelectConfig().passage_tokens
-    if args.budget_chars is not None:
-        # Characters of passage text only (no citation markers), passages of the same size in characters.
-        budget = {"budget_tokens": args.budget_chars, "count_tokens": len, "context_overhead": ""}
-        budget["passage_tokens"] = round(CHARS_PER_TOKEN * passage_tokens)
-    else:
-        budget = {"budget_tokens": args.budget, "passage_tokens": passage_tokens}
-    for lineno, row in _read_questions(sys.stdin):
-        try:
-            today = dt.date.fromisoformat(row["date"].replace("/", "-")[:10]) if row.get("date") else None
-        except (AttributeError, ValueError):
-            raise UsageError(f'line {lineno}: "date" must be YYYY-MM-DD, got {row["date"]!r}') from None
-        pages = [
-            Page(url=p["url"], title=p.get("title") or "", text=p["text"], rank=i, date=p.get("date"))
-            for i, p in enumerate(row["pages"], 1)
-        ]
-        passages = select_passages(row["question"], pages, query=row.get("query"), today=today, **budget)
-        _emit({"id": row.get("id"), "passages": [{"url": p.url, "text": p.text} for p in passages]})
-
-
 async def cmd_ask(args: argparse.Namespace) -> None:
-    # vLLM logs to stdout by default; stdout is the answer here.
+    # vLLM logs to stdout by default; stdout is the answer here. Its engine runs in a process of its own,
+    # which the logging switch of main() does not reach: without -v it keeps only what ends the command.
     os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
+    if not args.verbose:
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "CRITICAL")
     from agent import Agent
-    from agent.events import AnswerEvent, ErrorEvent, PreambleEvent, QueryEvent, SourcesEvent, StatusEvent, TokenEvent
+    from agent.events import AnswerEvent, ErrorEvent, PreambleEvent, SourcesEvent, StatusEvent, TokenEvent
     from agent.state import MediaItem
     from engine.base import EngineError
     from engine.factory import build_engine
-    from retrieval.events import PageEvent
     from retrieval.pipeline import Retriever
 
     media = [MediaItem("image", _read_file(path, "--image")) for path in args.image or ()]
@@ -194,8 +128,13 @@ async def cmd_ask(args: argparse.Namespace) -> None:
     except ValueError as exc:
         raise UsageError(str(exc)) from None
 
+    last = ""
+
     def note(line: str) -> None:
-        if not args.json:
+        nonlocal last
+        # A step said twice in a row (the answer asked for again) is one line.
+        if not args.json and line != last:
+            last = line
             print(f"· {line}", file=sys.stderr, flush=True)
 
     error: ErrorEvent | None = None
@@ -219,17 +158,15 @@ async def cmd_ask(args: argparse.Namespace) -> None:
             elif isinstance(event, PreambleEvent) and not args.json:
                 sys.stdout.write("\n")
                 note("(the text above was said before searching)")
-            elif isinstance(event, StatusEvent):
+            elif isinstance(event, StatusEvent) and event.code != "search_call":
+                # "search_call" (the model began a call) is followed by "searching", which names the query;
+                # the query event says it a third time, and each page's event is one step of "reading".
                 note(event.message)
-            elif isinstance(event, QueryEvent):
-                note(f"query: {event.query}")
             elif isinstance(event, SourcesEvent):
                 for failure in event.failures:
                     note(f"{failure.backend}: {failure.reason}")
                 for source in event.sources:
                     note(f"[{source.n}] {source.title} — {source.domain}")
-            elif isinstance(event, PageEvent):
-                note(f"{event.source}: {event.url}" + (f" ({event.error})" if event.error else ""))
             elif isinstance(event, AnswerEvent):
                 answer = event.answer
             elif isinstance(event, ErrorEvent):
@@ -246,13 +183,18 @@ async def cmd_ask(args: argparse.Namespace) -> None:
         sys.stdout.write(answer.model_dump_json() + "\n")
         return
     print()
+    if answer.citations:
+        print("\nSources")
     for citation in answer.citations:
         mark = "" if citation.supported is not False else f"  (weakly supported: {citation.score:.2f})"
         print(f"[{citation.n}] {citation.title} — {citation.url}{mark}")
+    if answer.related:
+        print("\nRelated")
     for question in answer.related:
-        print(f"→ {question}")
-    for line in answer.notes:
-        note(line)
+        print(f"- {question}")
+    sys.stdout.flush()
+    for item in answer.notes:
+        note(item.message)
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
@@ -299,28 +241,33 @@ def _read_file(path: str, option: str) -> bytes:
         raise UsageError(f"{option} {path}: {exc.strerror or exc}") from None
 
 
-def cmd_support(args: argparse.Namespace) -> None:
-    from agent.support import SupportChecker
-
-    checker = SupportChecker() if args.threshold is None else SupportChecker(args.threshold)
-    for lineno, row in _jsonl(sys.stdin):
-        if not (isinstance(row, dict) and isinstance(row.get("claim"), str) and isinstance(row.get("passage"), str)):
-            raise UsageError(f'line {lineno}: expected {{"id", "claim", "passage"}} with string claim and passage')
-        question = row.get("question") if isinstance(row.get("question"), str) else None
-        result = checker.check(row["claim"], [row["passage"]], question=question)
-        _emit({"id": row.get("id"), "score": round(result.score, 4), "supported": result.supported})
-
-
 def build_parser() -> argparse.ArgumentParser:
     # Not at module level: this module is the __main__ that vLLM's spawned workers import again, and the
     # search backends bring in bm25s → numba → llvmlite, whose objects break the worker's start-up scan
     # of sys.modules (vllm/triton_utils/dispatcher.py: "'_lib_fn_wrapper' object has no attribute 'get'").
     from retrieval.search.factory import BACKEND_NAMES
 
-    parser = argparse.ArgumentParser(prog="megrez-search", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="megrez-search",
+        description=__doc__.split("\n\n")[0],
+        epilog=EXIT_STATUS,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = parser.add_subparsers(dest="command", required=True)
+    verbose = argparse.ArgumentParser(add_help=False)
+    verbose.add_argument("-v", "--verbose", action="store_true", help="library logs (vLLM's too) on stderr")
 
-    p = sub.add_parser("search", help="search the web (or the local corpus) and optionally read the pages")
+    def command(name: str, summary: str, *, logs: bool = True) -> argparse.ArgumentParser:
+        return sub.add_parser(
+            name,
+            help=summary,
+            description=summary,
+            epilog=EXIT_STATUS,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+            parents=[verbose] if logs else [],
+        )
+
+    p = command("search", "search the web (or the local corpus) and optionally read the pages")
     p.add_argument("query")
     p.add_argument("--backend", action="append", choices=BACKEND_NAMES, help="backend(s) to try in order (repeat)")
     p.add_argument("--k", type=int, help="number of results")
@@ -331,13 +278,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="one JSON object instead of text")
     p.set_defaults(func=cmd_search)
 
-    p = sub.add_parser("extract", help="main text of an HTML page (stdin) or of every page in a folder")
+    p = command("extract", "main text of an HTML page (stdin) or of every page in a folder")
     p.add_argument("--url", help="the page's URL (helps date and link handling)")
     p.add_argument("--batch", metavar="DIR", help="extract every *.html / *.html.gz in DIR to JSONL")
     p.add_argument("--json", action="store_true", help="print title, date, language and text as JSON")
     p.set_defaults(func=cmd_extract)
 
-    p = sub.add_parser("ask", help="answer a question: search when needed, stream a cited answer")
+    p = command("ask", "answer a question: search when needed, stream a cited answer")
     p.add_argument("question")
     p.add_argument("--websearch", choices=("off", "auto", "always"), help="search mode (default: settings, auto)")
     p.add_argument("--image", action="append", metavar="PATH", help="an image for the Omni model (repeat)")
@@ -346,17 +293,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the structured answer as one JSON object")
     p.set_defaults(func=cmd_ask)
 
-    p = sub.add_parser("serve", help="run the HTTP API (POST /chat with SSE, conversations, health)")
+    p = command("serve", "run the HTTP API (POST /chat with SSE, conversations, health)", logs=False)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--log-format", choices=("text", "json"), default="text", help="log lines as text or JSON")
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("support", help="score claim/passage pairs with the citation support check (JSONL in/out)")
+    p = command("support", "score claim/passage pairs with the citation support check (JSONL in/out)")
     p.add_argument("--threshold", type=float, help="score below which a claim is unsupported (default: calibrated)")
     p.set_defaults(func=cmd_support)
 
-    p = sub.add_parser("select", help="pack the best passages of given pages into a budget (JSONL in/out)")
+    p = command("select", "pack the best passages of given pages into a budget (JSONL in/out)")
     size = p.add_mutually_exclusive_group()
     size.add_argument("--budget", type=int, default=3000, help="tokens of context per question (estimated)")
     size.add_argument(
@@ -366,12 +313,45 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@contextlib.contextmanager
+def _library_logs(verbose: bool) -> Iterator[None]:
+    """Logs and Python warnings on stderr with ``verbose``, none at all without; as before afterwards.
+
+    ``logging.disable`` rather than a level on the root logger: libraries that bring their own handler
+    (transformers, vLLM) are silenced too.
+    """
+    root = logging.getLogger()
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setLevel(logging.INFO)  # some libraries set DEBUG on their own loggers (bm25s)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    level = root.level
+    with warnings.catch_warnings():
+        if verbose:
+            root.addHandler(handler)
+            root.setLevel(logging.INFO)
+            logging.captureWarnings(True)
+        else:
+            logging.disable(logging.CRITICAL)
+            warnings.simplefilter("ignore")
+        try:
+            yield
+        finally:
+            logging.disable(logging.NOTSET)
+            logging.captureWarnings(False)
+            root.removeHandler(handler)
+            root.setLevel(level)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command (``argv`` defaults to ``sys.argv[1:]``); the exit status is in :data:`EXIT_STATUS`."""
     args = build_parser().parse_args(argv)
+    # serve configures its own logs (--log-format).
+    logs = _library_logs(args.verbose) if "verbose" in args else contextlib.nullcontext()
     try:
-        result = args.func(args)
-        if asyncio.iscoroutine(result):
-            asyncio.run(result)
+        with logs:
+            result = args.func(args)
+            if asyncio.iscoroutine(result):
+                asyncio.run(result)
     except UsageError as exc:
         print(f"megrez-search {args.command}: {exc}", file=sys.stderr)
         return 2

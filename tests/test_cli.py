@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import logging
 import sys
 
 import pytest
@@ -120,6 +121,37 @@ def test_search_without_usable_backend_is_a_usage_error(monkeypatch, capsys):
     assert "corpus_path is not set" in err
 
 
+def test_search_that_finds_nothing_succeeds_and_says_so(monkeypatch, capsys, tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "tea.txt").write_text("Green tea is made from unoxidised leaves.\n")
+    monkeypatch.setenv("MEGREZ_SEARCH__CORPUS_PATH", str(corpus))
+    monkeypatch.setenv("MEGREZ_SEARCH__INDEX_DIR", str(tmp_path / "index"))
+    code, out, err = run(monkeypatch, capsys, ["search", "xylophone", "--backend", "local"])
+    assert (code, out) == (0, "")
+    assert err.splitlines()[-1] == "megrez-search search: no results (local: no results)"
+    code, out, _ = run(monkeypatch, capsys, ["search", "xylophone", "--backend", "local", "--json"])
+    assert code == 0 and json.loads(out)["results"] == []
+
+
+def test_search_that_no_backend_answers_fails(monkeypatch, capsys):
+    from scripts.net import free_port
+
+    monkeypatch.setenv("MEGREZ_SEARCH__SEARXNG_URL", f"http://127.0.0.1:{free_port()}")  # nothing listens there
+    code, out, err = run(monkeypatch, capsys, ["search", "anything", "--backend", "searxng", "--json"])
+    assert code == 1 and out == ""
+    assert "no search backend answered (searxng: " in err
+
+
+@pytest.mark.parametrize("command", ["search", "extract", "ask", "serve", "support", "select"])
+def test_help_documents_the_exit_status(capsys, command):
+    with pytest.raises(SystemExit) as exit_:
+        main([command, "--help"])
+    assert exit_.value.code == 0
+    help_text = capsys.readouterr().out
+    assert all(f"  {status} " in help_text for status in (0, 1, 2, 130))
+
+
 def test_support_scores_claim_passage_pairs(monkeypatch, capsys):
     passage = "The Eiffel Tower was designed by the company of Gustave Eiffel and built from 1887 to 1889."
     rows = [
@@ -166,3 +198,61 @@ def test_a_bad_setting_is_a_one_line_usage_error(monkeypatch, capsys):
     monkeypatch.setenv("MEGREZ_AGENT__ANSWER_TOKENS", "0")
     code, out, err = run(monkeypatch, capsys, ["ask", "q"])
     assert code == 2 and out == "" and "MEGREZ_AGENT__ANSWER_TOKENS" in err and "Traceback" not in err
+
+
+@pytest.fixture
+def ask_setup(monkeypatch, tmp_path, tokenizer_dir):
+    """``ask`` on the scripted engine (a new one per run, replaying the script) and the agent tests' corpus,
+    with a log handler on stderr as an application embedding the agent would have."""
+    from scripts.scripted_engine import ScriptedEngine
+    from tests.agent_fixtures import DOCUMENTS, call
+
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps(d, ensure_ascii=False) + "\n" for d in DOCUMENTS), encoding="utf-8")
+    monkeypatch.setenv("MEGREZ_SEARCH__BACKENDS", '["local"]')
+    monkeypatch.setenv("MEGREZ_SEARCH__CORPUS_PATH", str(corpus))
+    monkeypatch.setenv("MEGREZ_SEARCH__INDEX_DIR", str(tmp_path / "index"))
+    monkeypatch.setenv("VLLM_LOGGING_LEVEL", "INFO")  # ask would set it for good (vLLM's processes) otherwise
+    script = [
+        call("Eiffel Tower designer"),
+        # Context 99 does not exist: the agent drops the marker and logs a warning.
+        "Gustave Eiffel's company designed it [citation:1][citation:99].<|turn_end|>",
+        "1. When was it built?\n2. How tall is it?<|turn_end|>",
+    ]
+    monkeypatch.setattr("engine.factory.build_engine", lambda config: ScriptedEngine(tokenizer_dir, list(script)))
+    root = logging.getLogger()
+    handler = logging.StreamHandler(sys.stderr)  # capsys's stream: what a log line would reach
+    root.addHandler(handler)
+    yield
+    root.removeHandler(handler)
+
+
+def test_ask_says_each_step_once_and_heads_sources_and_related(monkeypatch, capsys, ask_setup):
+    code, out, err = run(monkeypatch, capsys, ["ask", "Who designed the Eiffel Tower?"])
+    assert code == 0, err
+    # The answer, a blank line, the cited sources under their header, a blank line, the follow-ups under theirs.
+    answer, sources, related = out.split("\n\n")
+    n = answer.removeprefix("Gustave Eiffel's company designed it [").removesuffix("].")
+    assert n.isdigit()  # the marker of the missing context is gone
+    assert sources == f"Sources\n[{n}] Eiffel Tower — https://en.wikipedia.org/wiki/Eiffel_Tower"
+    assert related == "Related\n- When was it built?\n- How tall is it?\n"
+    # Progress: the search said once, with its query; every line a step of its own; no log line.
+    lines = err.splitlines()
+    assert lines[:2] == ["· Thinking", "· Searching: Eiffel Tower designer"]
+    assert f"· [{n}] Eiffel Tower — en.wikipedia.org" in lines
+    assert len(lines) == len(set(lines)) and all(line.startswith("· ") for line in lines)
+    assert "citation 99" not in err
+
+
+def test_ask_json_prints_the_answer_alone(monkeypatch, capsys, ask_setup):
+    code, out, err = run(monkeypatch, capsys, ["ask", "Who designed the Eiffel Tower?", "--json"])
+    assert (code, err) == (0, "")
+    answer = json.loads(out)
+    assert answer["answer"].startswith("Gustave Eiffel's company designed it [")
+    assert answer["related"] == ["When was it built?", "How tall is it?"]
+
+
+def test_ask_verbose_shows_the_logs(monkeypatch, capsys, ask_setup):
+    code, _, err = run(monkeypatch, capsys, ["ask", "Who designed the Eiffel Tower?", "--json", "-v"])
+    assert code == 0
+    assert "WARNING agent.citations: citation 99 points to no search context; dropped" in err
