@@ -18,9 +18,10 @@ when the peer is a trusted proxy (``api/http_guard.py: server_config``).
 
 Rate limits (``MEGREZ_RATE__REQUESTS``, e.g. ``300/minute``): a moving window per owner (per client
 IP without keys) with the maintained ``limits`` package, in Redis when configured (shared by the
-replicas) else in process; over the limit is a 429 with ``Retry-After``. Concurrent turns per owner
-(``MEGREZ_RATE__CONCURRENT_TURNS``) are counted by the memory store (``acquire_slot``), across replicas.
-The limiter's store being down lets requests through (logged) rather than refusing everyone.
+replicas; a Redis Cluster too: each window is one key) else in process; over the limit is a 429 with
+``Retry-After``. Concurrent turns per owner (``MEGREZ_RATE__CONCURRENT_TURNS``) are counted by the memory
+store (``acquire_slot``), across replicas. The limiter's store being down lets requests through (logged)
+rather than refusing everyone.
 """
 
 from __future__ import annotations
@@ -65,9 +66,14 @@ class Access:
         self.wrong_keys = parse(auth.wrong_keys) if auth.wrong_keys and self._digests else None
         self.concurrent_turns = rate.concurrent_turns
         if redis_url:
-            from limits.aio.storage import RedisStorage
+            from limits.storage import storage_from_string
 
-            storage = RedisStorage("async+" + redis_url, implementation="redispy", key_prefix="megrez:rate")
+            # redis+cluster:// (retrieval/cache.py) is the limits package's own spelling for a cluster; it has no
+            # TLS variant of it, so rediss+cluster:// is the same with ssl on.
+            scheme, _, rest = redis_url.partition("://")
+            tls = {"ssl": True} if scheme == "rediss+cluster" else {}
+            url = f"async+{'redis+cluster' if tls else scheme}://{rest}"
+            storage = storage_from_string(url, implementation="redispy", key_prefix="megrez:rate", **tls)
         else:
             from limits.aio.storage import MemoryStorage
 

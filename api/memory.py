@@ -1,7 +1,8 @@
 """Conversation memory and per-message event streams: the interface, and the in-process store.
 
 Two stores share one interface (:class:`Memory`): :class:`api.redis_memory.RedisMemory` when
-``MEGREZ_REDIS_URL`` is set (its module docstring holds the key schema and the scripts), else
+``MEGREZ_REDIS_URL`` is set (a single Redis or a cluster; ``api/redis_schema.py`` holds the key schema and
+the scripts), else
 :class:`LocalMemory` (one process; nothing survives a restart).
 
 **Streams.** A message's events form a stream whose ids a client sends back as ``Last-Event-ID``.
@@ -10,6 +11,11 @@ before it hands a batch to ``append_events``: a batch retried after a lost reply
 so Redis refuses the copy instead of storing the events twice. The stream's last event is always
 ``done`` (``{"type": "done", "status": …}``), written by ``finish_message`` in the same step as the
 turn record, the message's status and the release of the conversation's lock.
+
+**A turn's store work** is three kinds of step: ``start_message`` (the owner's turn slot, the conversation
+when it is new, the message: refused as a whole — :class:`TooManyTurns`, :class:`ConversationBusy`,
+:class:`ConversationGone` — with nothing kept), ``append_events`` per batch, ``finish_message`` (which
+frees the slot too). Redis makes each one round trip (``api/redis_memory.py``).
 
 **Leases.** A running message holds a lease that the runner renews (``renew``, every few seconds);
 the conversation's lock and the owner's turn slot expire with it. A turn whose process died stops
@@ -63,6 +69,10 @@ class ConversationGone(RuntimeError):
 class TooManyTurns(RuntimeError):
     """The owner already has as many turns running as it may."""
 
+    @classmethod
+    def at(cls, limit: int) -> TooManyTurns:
+        return cls(f"{limit} turns are already running for this caller; wait for one")
+
 
 class Conversation(BaseModel):
     id: str
@@ -70,6 +80,13 @@ class Conversation(BaseModel):
     created: float
     updated: float
     owner: str = ANONYMOUS  # see api/access.py: other owners never see it
+
+    @classmethod
+    def new(cls, question: str, owner: str = ANONYMOUS) -> Conversation:
+        """A conversation opened by ``question`` (its title), not stored yet: ``start_message(..., new=it)`` stores
+        it with its first message, ``create_conversation`` alone."""
+        now = time.time()
+        return cls(id=new_id(), title=title_of(question), created=now, updated=now, owner=owner)
 
 
 class StoredTurn(BaseModel):
@@ -156,7 +173,7 @@ def done_data(status: MessageStatus) -> str:
 
 
 class Memory(Protocol):
-    """What the service needs from a store (see the module docstring, and ``api/redis_memory.py`` for the keys)."""
+    """What the service needs from a store (see the module docstring, and ``api/redis_schema.py`` for the keys)."""
 
     lease_s: float  # a running message's lease (and its lock's and slot's lifetime) unless renewed
 
@@ -171,10 +188,21 @@ class Memory(Protocol):
     async def release_slot(self, owner: str, slot: str) -> None: ...
     async def renew(self, messages: Iterable[str], slots: Iterable[tuple[str, str]]) -> None: ...
     async def turns(self, cid: str) -> list[StoredTurn]: ...
-    async def start_message(self, mid: str, start: MessageStart) -> None: ...
+    async def start_message(
+        self, mid: str, start: MessageStart, *, new: Conversation | None = None, slots: int | None = None
+    ) -> None:
+        """Start message ``mid`` in ``start.conversation_id``, storing the conversation ``new`` first when given
+        (:meth:`Conversation.new`) and taking the owner's turn slot ``mid`` when ``slots`` (the owner's limit) is
+        given; ``finish_message`` frees it."""
+        ...
+
     async def message_status(self, mid: str) -> tuple[str, MessageStatus] | None: ...
     async def append_events(self, mid: str, events: Sequence[StoredEvent]) -> None: ...
-    async def finish_message(self, mid: str, turn: StoredTurn | None, done: StoredEvent) -> bool: ...
+    async def finish_message(self, mid: str, turn: StoredTurn | None, done: StoredEvent) -> bool:
+        """End ``mid``: ``turn`` into its conversation (if it still exists), ``done`` on its stream, its status, its
+        conversation's lock and its turn slot; ``False`` if it had already ended (reaped, deleted)."""
+        ...
+
     def end_here(self, mid: str, events: Sequence[StoredEvent]) -> None: ...
     def events(self, mid: str, after: str | None = None) -> AsyncIterator[StoredEvent]: ...
     async def reap(self, mid: str) -> bool: ...
@@ -248,14 +276,14 @@ class LocalMemory:
         self._of_conversation: dict[str, set[str]] = {}  # conversation id → its messages (deleted with it)
         self._running: dict[str, str] = {}  # conversation id → its running message
         self._slots: dict[str, dict[str, float]] = {}  # owner → slot → expiry (time.monotonic())
+        self._owners: dict[str, str] = {}  # running message → its owner (whose slot it may hold)
         self._media: dict[str, bytes] = {}
 
     async def ping(self) -> None:
         return None
 
     async def create_conversation(self, question: str, owner: str = ANONYMOUS) -> Conversation:
-        now = time.time()
-        conv = Conversation(id=new_id(), title=title_of(question), created=now, updated=now, owner=owner)
+        conv = Conversation.new(question, owner)
         self._conversations[conv.id] = conv
         self._turns[conv.id] = []
         return conv
@@ -292,7 +320,7 @@ class LocalMemory:
         slots = self._slots.setdefault(owner, {})
         for old in [s for s, expiry in slots.items() if expiry <= now]:
             del slots[old]
-        if len(slots) >= limit:
+        if len(slots) >= limit and slot not in slots:
             return False
         slots[slot] = now + self.lease_s
         return True
@@ -309,12 +337,19 @@ class LocalMemory:
     async def turns(self, cid: str) -> list[StoredTurn]:
         return list(self._turns.get(cid, []))
 
-    async def start_message(self, mid: str, start: MessageStart) -> None:
+    async def start_message(
+        self, mid: str, start: MessageStart, *, new: Conversation | None = None, slots: int | None = None
+    ) -> None:
         cid = start.conversation_id
-        if cid not in self._conversations:
+        if new is None and cid not in self._conversations:
             raise ConversationGone(f"unknown conversation {cid}")
         if cid in self._running:
             raise ConversationBusy(f"conversation {cid} is answering another question")
+        if slots is not None and not await self.acquire_slot(start.owner, mid, slots):  # last: refused, nothing kept
+            raise TooManyTurns.at(slots)
+        if new is not None:
+            self._conversations[cid], self._turns[cid] = new, []
+        self._owners[mid] = start.owner
         cutoff = time.monotonic() - self.stream_ttl_s
         for old in [m for m, msg in self._messages.items() if msg.ended is not None and msg.ended < cutoff]:
             del self._messages[old]
@@ -346,6 +381,7 @@ class LocalMemory:
         message = self._messages.get(mid)
         if message is None or message.status != "running":
             return
+        self._slots.get(self._owners.pop(mid, ANONYMOUS), {}).pop(mid, None)
         message.end(events)
         if self._running.get(message.conversation_id) == mid:
             del self._running[message.conversation_id]

@@ -48,6 +48,8 @@ from api.memory import (
     ANONYMOUS,
     DONE,
     Conversation,
+    ConversationBusy,
+    ConversationGone,
     EventIds,
     Memory,
     MessageStart,
@@ -243,15 +245,17 @@ class TurnRunner:
         message id once its stream exists (events follow in memory). Raises :class:`api.memory.TooManyTurns`
         when the owner has no free slot, :class:`api.memory.ConversationBusy` while another turn of the
         conversation runs, :class:`api.memory.ConversationGone` if it was deleted meanwhile."""
-        mid = await self.take_slot(owner, new_id())  # first: a refused question creates no conversation
-        created = None
+        mid, created = new_id(), None
+        if conversation is None:  # stored by start_message, with the slot and the message: one store step
+            conversation = created = Conversation.new(question, owner)
+        start = MessageStart(conversation.id, owner, question, tuple(MediaRef.of(m.kind, m.data) for m in media))
+        self._slots[mid] = owner  # the turn's slot is its message id: registered first, renewed from now on
         try:
-            if conversation is None:
-                conversation = created = await self.memory.create_conversation(question, owner)
-            refs = tuple(MediaRef.of(m.kind, m.data) for m in media)
-            start = MessageStart(conversation.id, owner, question, refs)
-            await self.memory.start_message(mid, start)
-        except BaseException:
+            await self.memory.start_message(mid, start, new=created, slots=self.concurrent_turns)
+        except (TooManyTurns, ConversationBusy, ConversationGone):  # refused: the store kept nothing
+            del self._slots[mid]
+            raise
+        except BaseException:  # the store failed, or the request was cancelled: free what it may have kept
             self.release_slot(mid)
             if created is not None:
                 self._spawn(self.memory.delete_conversation(created.id))
@@ -316,6 +320,7 @@ class TurnRunner:
             done = StoredEvent(writer.ids.next(), DONE, done_data(stored.status))
             if writer.error is None:
                 await self.retry(lambda: self.memory.finish_message(mid, stored, done), f"storing turn {mid}")
+                self._slots.pop(mid, None)  # finish_message freed it
                 return
             log.error("turn %s could not be stored: %s", mid, writer.error)
         except StoreUnavailable as exc:

@@ -303,20 +303,22 @@ async def audit(redis_url: str, tally: Tally, settle_s: float) -> dict:
     """After the run: is every known turn stored, and is nothing held?"""
     import redis.asyncio as redis
 
+    from api import redis_schema as schema
+
     await asyncio.sleep(settle_s)  # leases of turns on the killed replica run out; a sweep reaps them
     store = redis.from_url(redis_url, decode_responses=True)
     stored: dict[str, str] = {}
     questions: set[str] = set()
     rows = 0
     for cid in set(tally.known.values()):
-        for row in await store.lrange(f"megrez:conv:{cid}:turns", 0, -1):
+        for row in await store.lrange(schema.conversation_keys(cid)[1], 0, -1):
             rows += 1
             turn = json.loads(row)
             stored[turn["message_id"]] = turn["status"]
             questions.add(turn["record"]["question"])
-    slots = sum([await store.zcard(key) async for key in store.scan_iter("megrez:slots:*")])
-    locks = len([key async for key in store.scan_iter("megrez:conv:*:running")])
-    leases = await store.zcard("megrez:leases")
+    slots = sum([await store.zcard(key) async for key in store.scan_iter(schema.owner_keys("*")[1])])
+    locks = len([key async for key in store.scan_iter(schema.conversation_keys("*")[3])])
+    leases = await store.zcard(schema.LEASES)
     await store.aclose()
     lost = [mid for mid in tally.known if mid not in stored]
     unknown_stored = sum(q in questions for q in tally.unknown)  # started after all, and kept

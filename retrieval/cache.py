@@ -2,6 +2,12 @@
 
 Values are JSON documents. A Redis outage must not take search down, so Redis errors are
 logged and treated as cache misses.
+
+:func:`redis_client` is where every Redis URL of the service becomes a client (the caches here, the
+memory store in ``api/redis_memory.py``): a ``redis+cluster://`` or ``rediss+cluster://`` URL — what
+``MEGREZ_REDIS_CLUSTER=true`` makes of ``MEGREZ_REDIS_URL`` (``api/settings.py``), the spelling the
+``limits`` package uses too — names any node of a Redis Cluster and gets redis-py's cluster client,
+which finds the others and sends each key to the node that holds its hash slot.
 """
 
 from __future__ import annotations
@@ -47,11 +53,42 @@ class MemoryCache:
             self._data.popitem(last=False)
 
 
-class RedisCache:
-    def __init__(self, url: str, namespace: str) -> None:
-        import redis.asyncio as redis
+CLUSTER_SUFFIX = "+cluster"  # redis+cluster://host:port: any node of a Redis Cluster
 
-        self._redis = redis.from_url(url)
+
+def redis_client(url: str, **options: Any):
+    """A redis-py asyncio client for ``url``: ``redis.asyncio.RedisCluster`` when the scheme ends in ``+cluster``
+    (the URL names any node), else ``redis.asyncio.Redis``. ``options`` go to the client as they are.
+
+    Example::
+
+        client = redis_client("redis+cluster://10.0.0.5:6379", decode_responses=True)
+    """
+    if is_cluster(url):
+        from redis.asyncio.cluster import RedisCluster
+
+        scheme, _, rest = url.partition("://")
+        return RedisCluster.from_url(f"{scheme.removesuffix(CLUSTER_SUFFIX)}://{rest}", **options)
+    import redis.asyncio as redis
+
+    return redis.from_url(url, **options)
+
+
+def is_cluster(url: str) -> bool:
+    """Whether ``url`` names a Redis Cluster (``redis+cluster://``, ``rediss+cluster://``)."""
+    return url.partition("://")[0].endswith(CLUSTER_SUFFIX)
+
+
+class RedisCache:
+    """The cache on Redis (a single server or a cluster: one key per entry), under ``<namespace>:``.
+
+    Example::
+
+        cache = RedisCache("redis://localhost:6379/0", "search")
+    """
+
+    def __init__(self, url: str, namespace: str) -> None:
+        self._redis = redis_client(url)
         self._ns = namespace
 
     async def get(self, key: str) -> Any | None:

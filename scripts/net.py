@@ -1,4 +1,5 @@
-"""Local networking helpers for tests and benchmarks: free ports, child servers, a private redis-server, SSE frames."""
+"""Local networking helpers for tests and benchmarks: free ports, child servers, a private redis-server or Redis
+Cluster, SSE frames."""
 
 from __future__ import annotations
 
@@ -102,10 +103,14 @@ class RedisServer(ChildServer):
     even after :meth:`kill` — keeps the data.
     """
 
-    def __init__(self, workdir: Path, *, port: int | None = None, persist: bool = False) -> None:
+    def __init__(self, workdir: Path, *, port: int | None = None, persist: bool = False, cluster: bool = False) -> None:
+        """``cluster``: a cluster node (``--cluster-enabled``; its ``nodes.conf`` in ``workdir``), to be joined by
+        :class:`RedisCluster`."""
         exe = shutil.which("redis-server") or "redis-server"
         args = [exe, "--port", "{port}", "--bind", "127.0.0.1", "--save", "", "--dir", str(workdir)]
         args += ["--appendonly", "yes", "--appendfsync", "always"] if persist else ["--appendonly", "no"]
+        # The cluster bus listens on a port of its own (by default the port + 10000: often out of range).
+        args += ["--cluster-enabled", "yes", "--cluster-port", str(free_port())] if cluster else []
         super().__init__(args, port=port)
         self.workdir, self.persist = workdir, persist
 
@@ -121,6 +126,64 @@ class RedisServer(ChildServer):
         except RuntimeError as exc:
             raise RuntimeError(f"redis-server did not start: {exc}") from None
         return self
+
+
+class RedisCluster:
+    """A Redis Cluster of ``masters`` redis-servers of our own on 127.0.0.1 (no replicas), the hash slots spread
+    over them by ``redis-cli --cluster create``.
+
+    Example::
+
+        cluster = RedisCluster(tmp_path).start()
+        RedisMemory(cluster.url, cluster=True)  # any node's address will do
+        cluster.stop()
+    """
+
+    def __init__(self, workdir: Path, *, masters: int = 3) -> None:
+        self.nodes = []
+        for i in range(masters):
+            (workdir / f"node-{i}").mkdir(parents=True, exist_ok=True)
+            self.nodes.append(RedisServer(workdir / f"node-{i}", cluster=True))
+
+    @property
+    def url(self) -> str:
+        """The first node's address, as a ``redis+cluster://`` URL (what ``MEGREZ_REDIS_CLUSTER=true`` makes of it)."""
+        return f"redis+cluster://127.0.0.1:{self.nodes[0].port}"
+
+    def start(self, *, timeout_s: float = 30.0) -> RedisCluster:
+        """Start the nodes, join them, and wait until every node says the cluster is ``ok``."""
+        try:
+            for node in self.nodes:
+                node.start()
+            addresses = [f"127.0.0.1:{node.port}" for node in self.nodes]
+            created = subprocess.run(
+                ["redis-cli", "--cluster", "create", *addresses, "--cluster-replicas", "0", "--cluster-yes"],
+                check=False,
+                capture_output=True,
+                text=True,
+                timeout=timeout_s,
+            )
+            if created.returncode != 0:
+                raise RuntimeError(f"redis-cli --cluster create failed: {created.stdout[-500:]}{created.stderr}")
+            deadline = time.monotonic() + timeout_s
+            while not all(self._ok(node) for node in self.nodes):
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"the cluster on {addresses} did not become ok within {timeout_s:g} s")
+                time.sleep(0.1)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    @staticmethod
+    def _ok(node: RedisServer) -> bool:
+        command = ["redis-cli", "-p", str(node.port), "cluster", "info"]
+        info = subprocess.run(command, check=False, capture_output=True, text=True, timeout=5)
+        return "cluster_state:ok" in info.stdout
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
 
 
 def sse_frames(buffer: str) -> tuple[list[dict[str, str]], str]:

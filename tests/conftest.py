@@ -21,7 +21,7 @@ import pytest
 from hypothesis import settings
 
 from api.settings import Settings
-from scripts.net import RedisServer
+from scripts.net import RedisCluster, RedisServer
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -70,6 +70,17 @@ def redis_url(tmp_path_factory):
         pytest.fail(str(exc))
     yield server.url
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster_url(tmp_path_factory):
+    """A Redis Cluster of our own (three masters on loopback ports), as a ``redis+cluster://`` URL."""
+    try:
+        cluster = RedisCluster(tmp_path_factory.mktemp("redis-cluster")).start()
+    except RuntimeError as exc:
+        pytest.fail(str(exc))
+    yield cluster.url
+    cluster.stop()
 
 
 @pytest.fixture(scope="session")

@@ -1,15 +1,19 @@
-"""Conversation memory and event streams, in process and on a real redis-server (the session's own)."""
+"""Conversation memory and event streams, in process, on a real redis-server and on a real three-master Redis
+Cluster (the session's own)."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 import pytest
 
 from agent.events import Answer, ErrorEvent, MediaRef, TranscriptMessage, TurnRecord
+from api import redis_schema as schema
 from api.memory import (
     DONE,
+    Conversation,
     ConversationBusy,
     ConversationGone,
     EventIds,
@@ -18,17 +22,28 @@ from api.memory import (
     StoredEvent,
     StoredTurn,
     StoreUnavailable,
+    TooManyTurns,
     done_data,
     event_id_key,
     title_of,
 )
 from api.redis_memory import RedisMemory
+from retrieval.cache import redis_client
 from scripts.net import free_port
 
 
-@pytest.fixture(params=["local", "redis"])
-async def memory(request, redis_url):
-    store = LocalMemory() if request.param == "local" else RedisMemory(redis_url)
+@pytest.fixture(params=["redis", "cluster"])
+def store_url(request) -> str:
+    """The session's redis-server, or its Redis Cluster (a ``redis+cluster://`` URL)."""
+    return request.getfixturevalue("redis_url" if request.param == "redis" else "redis_cluster_url")
+
+
+@pytest.fixture(params=["local", "redis", "cluster"])
+async def memory(request):
+    if request.param == "local":
+        store = LocalMemory()
+    else:
+        store = RedisMemory(request.getfixturevalue("redis_url" if request.param == "redis" else "redis_cluster_url"))
     yield store
     await store.aclose()
 
@@ -112,8 +127,8 @@ async def test_media_is_stored_once_by_content_hash(memory):
     assert await memory.put_media(b"png bytes") == await memory.put_media(b"png bytes")
 
 
-async def test_a_second_replica_reads_the_stream_live(redis_url):
-    writer, reader = RedisMemory(redis_url), RedisMemory(redis_url)
+async def test_a_second_replica_reads_the_stream_live(store_url):
+    writer, reader = RedisMemory(store_url), RedisMemory(store_url)
     conv = await writer.create_conversation("q")
     turn_writer = await start(writer, conv.id, "shared")
 
@@ -130,19 +145,19 @@ async def test_a_second_replica_reads_the_stream_live(redis_url):
     await reader.aclose()
 
 
-async def test_writes_set_their_lifetimes(redis_url):
-    import redis.asyncio as redis
-
-    memory = RedisMemory(redis_url, conversation_ttl_s=1000, stream_ttl_s=50, lease_s=20)
-    conv = await memory.create_conversation("q")
-    await (await start(memory, conv.id, "first")).finish(turn("first", "q"))
-    writer = await start(memory, conv.id, "ttl")
+async def test_writes_set_their_lifetimes(store_url):
+    memory = RedisMemory(store_url, conversation_ttl_s=1000, stream_ttl_s=50, lease_s=20)
+    conv = await memory.create_conversation("q", owner="ttl-owner")
+    await (await start(memory, conv.id, "first", owner="ttl-owner")).finish(turn("first", "q"))
+    writer = await start(memory, conv.id, "ttl", owner="ttl-owner")
     await writer.events(("token", "{}"))
-    client = redis.from_url(redis_url)
-    assert 900 < await client.ttl(f"megrez:conv:{conv.id}") <= 1000
-    assert 900 < await client.ttl(f"megrez:conv:{conv.id}:turns") <= 1000
-    assert 0 < await client.ttl("megrez:msg:ttl:events") <= 50 and 0 < await client.ttl("megrez:msg:ttl") <= 50
-    assert 0 < await client.pttl(f"megrez:conv:{conv.id}:running") <= 20_000  # the lock lives as long as the lease
+    client = redis_client(store_url)
+    conv_key, turns_key, messages_key, lock_key = schema.conversation_keys(conv.id)
+    for key in (conv_key, turns_key, messages_key, schema.owner_keys("ttl-owner")[0]):
+        assert 900 < await client.ttl(key) <= 1000
+    for key in (schema.message(conv.id, "ttl"), schema.events(conv.id, "ttl"), schema.message_index("ttl")):
+        assert 0 < await client.ttl(key) <= 50
+    assert 0 < await client.pttl(lock_key) <= 20_000  # the lock lives as long as the lease
     await client.aclose()
     await memory.aclose()
 
@@ -209,8 +224,8 @@ async def test_more_followers_on_another_replica_than_redis_pys_default_pool(red
     await reader.aclose()
 
 
-async def test_followers_here_and_on_another_replica_see_the_same_events_and_ids(redis_url):
-    writer, reader = RedisMemory(redis_url), RedisMemory(redis_url)
+async def test_followers_here_and_on_another_replica_see_the_same_events_and_ids(store_url):
+    writer, reader = RedisMemory(store_url), RedisMemory(store_url)
     conv = await writer.create_conversation("q")
     turn_writer = await start(writer, conv.id, "same")
 
@@ -230,8 +245,8 @@ async def test_followers_here_and_on_another_replica_see_the_same_events_and_ids
     await reader.aclose()
 
 
-async def test_a_retried_batch_is_not_stored_twice(redis_url):
-    memory = RedisMemory(redis_url)
+async def test_a_retried_batch_is_not_stored_twice(store_url):
+    memory = RedisMemory(store_url)
     conv = await memory.create_conversation("q")
     writer = await start(memory, conv.id, "retried")
     batch = [StoredEvent(writer.ids.next(), "token", '{"text": "once"}')]
@@ -239,7 +254,7 @@ async def test_a_retried_batch_is_not_stored_twice(redis_url):
     await memory.append_events("retried", batch)  # its reply was lost: the writer sends it again
     finished, _ = await writer.finish(turn("retried", "q"))
     again = await memory.finish_message("retried", turn("retried", "q"), StoredEvent("1-0", DONE, done_data("done")))
-    reader = RedisMemory(redis_url)
+    reader = RedisMemory(store_url)
     events = [e async for e in reader.events("retried")]
     assert [e.type for e in events] == ["token", DONE] and finished and not again
     assert len(await memory.turns(conv.id)) == 1  # the second finish wrote nothing
@@ -247,8 +262,8 @@ async def test_a_retried_batch_is_not_stored_twice(redis_url):
     await memory.aclose()
 
 
-async def test_one_running_turn_per_conversation_across_replicas(redis_url):
-    one, two = RedisMemory(redis_url), RedisMemory(redis_url)
+async def test_one_running_turn_per_conversation_across_replicas(store_url):
+    one, two = RedisMemory(store_url), RedisMemory(store_url)
     conv = await one.create_conversation("q")
     first = await start(one, conv.id, "first")
     with pytest.raises(ConversationBusy):
@@ -287,26 +302,27 @@ async def test_a_deleted_conversation_takes_no_new_turn_and_a_late_end_writes_no
     assert conv.id not in [c.id for c in await memory.list_conversations(limit=500)]
 
 
-async def test_a_turn_that_ends_after_its_conversation_was_deleted_leaves_nothing(redis_url):
-    import redis.asyncio as redis
-
-    one, two = RedisMemory(redis_url, lease_s=1), RedisMemory(redis_url)
+async def test_a_turn_that_ends_after_its_conversation_was_deleted_leaves_nothing(store_url):
+    one, two = RedisMemory(store_url, lease_s=1), RedisMemory(store_url)
     conv = await one.create_conversation("q", owner="late-owner")
     writer = await start(one, conv.id, "orphan", owner="late-owner")
     await asyncio.sleep(1.2)  # the lease (and so the lock) ran out: the delete goes through
     assert await two.delete_conversation(conv.id)
     finished, _ = await writer.finish(turn("orphan", "q"))
     assert not finished  # its message went with the conversation
-    client = redis.from_url(redis_url)
-    assert await client.keys(f"megrez:conv:{conv.id}*") == [] and not await client.exists("megrez:msg:orphan")
+    client = redis_client(store_url)
+    assert await client.keys(f"{schema.conversation(conv.id)}*") == [] and not await client.exists(
+        schema.message_index("orphan")
+    )
+    assert await client.zscore(schema.LEASES, schema.lease_member(conv.id, "orphan")) is None
     assert await two.list_conversations("late-owner") == []
     await client.aclose()
     await one.aclose()
     await two.aclose()
 
 
-async def test_a_dead_replicas_turn_is_reaped_with_what_it_showed(redis_url):
-    dead, alive = RedisMemory(redis_url, lease_s=1), RedisMemory(redis_url, lease_s=1)
+async def test_a_dead_replicas_turn_is_reaped_with_what_it_showed(store_url):
+    dead, alive = RedisMemory(store_url, lease_s=1), RedisMemory(store_url, lease_s=1)
     conv = await dead.create_conversation("Who designed it?", owner="reaped-owner")
     assert await dead.acquire_slot("reaped-owner", "dying", 1)
     media = (MediaRef.of("image", b"png"),)
@@ -340,8 +356,8 @@ async def test_a_dead_replicas_turn_is_reaped_with_what_it_showed(redis_url):
     await alive.aclose()
 
 
-async def test_renewed_leases_keep_a_turn_alive_and_expired_ones_are_swept(redis_url):
-    one, two = RedisMemory(redis_url, lease_s=1), RedisMemory(redis_url, lease_s=1)
+async def test_renewed_leases_keep_a_turn_alive_and_expired_ones_are_swept(store_url):
+    one, two = RedisMemory(store_url, lease_s=1), RedisMemory(store_url, lease_s=1)
     alive = await one.create_conversation("alive")
     dead = await one.create_conversation("dead")
     await start(one, alive.id, "renewed")
@@ -349,7 +365,8 @@ async def test_renewed_leases_keep_a_turn_alive_and_expired_ones_are_swept(redis
     for _ in range(4):  # past the lease, renewing only one of them
         await asyncio.sleep(0.4)
         await one.renew(["renewed"], [])
-    assert await two.reap_expired() == ["abandoned"]
+    reaped = await two.reap_expired()  # other tests' abandoned turns in this Redis go too
+    assert "abandoned" in reaped and "renewed" not in reaped
     assert await two.message_status("renewed") == (alive.id, "running")
     assert [t.status for t in await two.turns(dead.id)] == ["failed"] and await two.turns(alive.id) == []
     await one.aclose()
@@ -368,8 +385,8 @@ async def test_slots_expire_with_their_lease_unless_renewed(memory):
     assert not await memory.acquire_slot("slot-owner", "fourth", 2)
 
 
-async def test_a_stop_request_reaches_the_other_replica(redis_url):
-    one, two = RedisMemory(redis_url), RedisMemory(redis_url)
+async def test_a_stop_request_reaches_the_other_replica(store_url):
+    one, two = RedisMemory(store_url), RedisMemory(store_url)
     heard = asyncio.Queue()
 
     async def listen():
@@ -405,3 +422,111 @@ async def test_stored_failed_turns_keep_their_error(memory):
     await writer.finish(failed, "failed")
     [stored] = await memory.turns(conv.id)
     assert stored.status == "failed" and stored.error.code == "engine_unavailable"
+
+
+async def test_a_new_conversation_starts_in_one_step_and_a_refused_start_keeps_nothing(memory):
+    conv = Conversation.new("q", "one-step-owner")
+    await memory.start_message("s1", MessageStart(conv.id, "one-step-owner", "q"), new=conv, slots=2)
+    assert (await memory.get_conversation(conv.id)).title == "q" and await memory.running_message(conv.id) == "s1"
+    assert [c.id for c in await memory.list_conversations("one-step-owner")] == [conv.id]
+    other = await memory.create_conversation("other", owner="one-step-owner")
+    with pytest.raises(ConversationBusy):  # the slot it took is given back
+        await memory.start_message("s2", MessageStart(conv.id, "one-step-owner", "again"), slots=2)
+    assert await memory.message_status("s2") is None
+    await memory.start_message("s3", MessageStart(other.id, "one-step-owner", "q"), slots=2)  # s1, s3: full
+    refused = Conversation.new("refused", "one-step-owner")
+    with pytest.raises(TooManyTurns, match="2 turns are already running"):
+        await memory.start_message("s4", MessageStart(refused.id, "one-step-owner", "refused"), new=refused, slots=2)
+    assert await memory.get_conversation(refused.id) is None and await memory.message_status("s4") is None
+    assert refused.id not in [c.id for c in await memory.list_conversations("one-step-owner")]
+    assert await Writer(memory, "s1").finish(turn("s1", "q"))  # the end frees its slot
+    await memory.start_message("s5", MessageStart(conv.id, "one-step-owner", "next"), slots=2)
+    assert not await memory.acquire_slot("one-step-owner", "probe", 2)  # s3 and s5
+
+
+async def test_a_turn_is_one_round_trip_to_start_one_per_batch_and_one_to_end(redis_url, monkeypatch):
+    from redis.asyncio.connection import AbstractConnection
+
+    memory = RedisMemory(redis_url)
+    sent = []
+    send = AbstractConnection.send_packed_command
+
+    async def counted(self, command, check_health=True):
+        sent.append(command)
+        return await send(self, command, check_health)
+
+    async def one_turn(mid: str) -> None:
+        conv = Conversation.new("q", "round-trip-owner")
+        await memory.start_message(mid, MessageStart(conv.id, "round-trip-owner", "q"), new=conv, slots=8)
+        writer = Writer(memory, mid)
+        await writer.events(("token", '{"text": "a"}'), ("token", '{"text": "b"}'))
+        await writer.events(("answer", "{}"))
+        assert (await writer.finish(turn(mid, "q")))[0]
+
+    await one_turn("warm-up")  # connected, the schema checked, the scripts known to the server
+    monkeypatch.setattr(AbstractConnection, "send_packed_command", counted)
+    await one_turn("counted")
+    assert len(sent) == 4  # start, two batches, end: nothing read first, no health-check PING
+    await memory.aclose()
+
+
+async def test_scripts_a_server_lost_are_sent_again(store_url):
+    memory = RedisMemory(store_url)
+    conv = await memory.create_conversation("q")
+    client = redis_client(store_url)
+    await client.script_flush()  # as after a restart or a failover
+    writer = await start(memory, conv.id, "after-flush")  # a pipeline of scripts
+    await client.script_flush()
+    await writer.events(("token", "{}"))  # a script alone
+    await client.aclose()
+    assert (await writer.finish(turn("after-flush", "q")))[0]
+    assert [t.message_id for t in await memory.turns(conv.id)] == ["after-flush"]
+    await memory.aclose()
+
+
+async def test_a_listing_entry_without_its_conversation_is_hidden_and_dropped_once_old(store_url):
+    memory, client = RedisMemory(store_url), redis_client(store_url, decode_responses=True)
+    listing = schema.owner_keys("stale-owner")[0]
+    await client.zadd(listing, {"starting": time.time(), "expired": time.time() - 3600})
+    kept = await memory.create_conversation("kept", owner="stale-owner")
+    assert [c.id for c in await memory.list_conversations("stale-owner")] == [kept.id]
+    assert set(await client.zrange(listing, 0, -1)) == {kept.id, "starting"}  # it may be mid-start: kept a while
+    await client.aclose()
+    await memory.aclose()
+
+
+async def test_a_store_of_the_previous_schema_is_moved_once(tmp_path):
+    import redis.asyncio as redis
+
+    from scripts.net import RedisServer
+
+    server = RedisServer(tmp_path).start()
+    client = redis.from_url(server.url, decode_responses=True)
+    memory = RedisMemory(server.url)
+    try:
+        old = "megrez:conv:old1"
+        await client.hset(
+            old, mapping={"id": "old1", "title": "Who?", "created": 1.0, "updated": 2.0, "owner": "key-a"}
+        )
+        await client.rpush(f"{old}:turns", turn("m-old", "Who?").model_dump_json())
+        await client.sadd(f"{old}:messages", "m-old")
+        await client.hset("megrez:msg:m-old", mapping={"conversation_id": "old1", "status": "done"})
+        await client.xadd("megrez:msg:m-old:events", {"type": "done", "data": done_data("done")})
+        await client.zadd("megrez:convs:key-a", {"old1": 2.0})
+        await client.zadd("megrez:leases", {"m-old": 1.0})
+        for key in (old, f"{old}:turns", "megrez:convs:key-a"):
+            await client.expire(key, 5000)
+        [moved] = await memory.list_conversations("key-a")
+        assert moved.id == "old1" and moved.title == "Who?" and moved.owner == "key-a"
+        assert [t.message_id for t in await memory.turns("old1")] == ["m-old"]
+        for key in (*schema.conversation_keys("old1")[:2], schema.owner_keys("key-a")[0]):
+            assert 4000 < await client.ttl(key) <= 5000  # lifetimes kept
+        assert await client.keys("megrez:conv:*") == await client.keys("megrez:convs:*") == []
+        assert await client.keys("megrez:msg:*") == [] and not await client.exists("megrez:leases")
+        assert await client.get(schema.SCHEMA) == schema.SCHEMA_VERSION
+        await (await start(memory, "old1", "m-new", owner="key-a")).finish(turn("m-new", "And?"))
+        assert [t.message_id for t in await memory.turns("old1")] == ["m-old", "m-new"]
+    finally:
+        await client.aclose()
+        await memory.aclose()
+        server.stop()

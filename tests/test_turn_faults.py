@@ -18,14 +18,17 @@ import pytest
 import redis.asyncio as redis
 
 from agent.config import AgentConfig
+from api import redis_schema as schema
 from api.config import ApiConfig, RateConfig
-from api.memory import LocalMemory
+from api.memory import ANONYMOUS, LocalMemory
 from api.redis_memory import RedisMemory
 from api.settings import Settings
 from engine.base import EngineUnavailable
 from scripts.net import RedisServer
 from scripts.scripted_service import service_process
 from tests.agent_fixtures import DOCUMENTS, app_with, call, client_for, parse_sse
+
+SLOTS = schema.owner_keys(ANONYMOUS)[1]  # the anonymous owner's turn slots
 
 SLOW = "Gustave Eiffel's company designed it [citation:1]. " + "It took two years to build. " * 20 + "<|turn_end|>"
 SSE = {"Accept": "text/event-stream"}
@@ -92,6 +95,12 @@ async def test_delete_during_a_turn_stops_it_and_leaves_nothing(tokenizer_dir, c
     async with client_for(app) as client:
         frames, rest = await open_stream(client, tokens(2))
         meta = meta_of(frames)
+        keys = [f"{schema.conversation(meta['conversation_id'])}*", schema.message_index(meta["message_id"])]
+        if isinstance(memory, RedisMemory):  # what the delete must remove is there while the turn runs
+            store = redis.from_url(memory_url(memory))
+            assert all([await store.keys(key) for key in keys])
+            assert await store.zcard(SLOTS) == 1
+            await store.aclose()
         deleted = await client.delete(f"/conversations/{meta['conversation_id']}")
         assert deleted.status_code == 204
         frames = await asyncio.wait_for(rest, 10)
@@ -105,9 +114,8 @@ async def test_delete_during_a_turn_stops_it_and_leaves_nothing(tokenizer_dir, c
         await eventually(lambda: app.state.services.runner.slots_held == 0)
         if isinstance(memory, RedisMemory):
             store = redis.from_url(memory_url(memory))
-            assert await store.keys(f"megrez:conv:{meta['conversation_id']}*") == []
-            assert await store.keys(f"megrez:msg:{meta['message_id']}*") == []
-            assert await store.zcard("megrez:slots:anonymous") == 0
+            assert [await store.keys(key) for key in keys] == [[], []]
+            assert await store.zcard(SLOTS) == 0
             await store.aclose()
         fresh = await client.post("/chat?websearch=off", json={"message": "still works"})
         assert fresh.status_code == 200 and fresh.json()["status"] == "done"
@@ -179,7 +187,7 @@ async def test_redis_killed_mid_turn_and_restarted_from_its_aof_loses_nothing(to
             assert text_of(resumed) == text_of(frames)  # the stored stream has every event, once
             assert await memory.running_message(meta["conversation_id"]) is None
             store = redis.from_url(server.url)
-            assert await store.zcard("megrez:slots:anonymous") == 0 and await store.zcard("megrez:leases") == 0
+            assert await store.zcard(SLOTS) == 0 and await store.zcard(schema.LEASES) == 0
             await store.aclose()
             assert app.state.services.runner.slots_held == 0
     finally:
@@ -242,7 +250,7 @@ async def test_a_replica_killed_mid_turn_is_failed_and_frees_the_conversation(
             )
             assert follow_up.status_code == 200 and follow_up.json()["answer"]["answer"] == "Answered here."
             store = redis.from_url(redis_url)
-            assert await store.zscore("megrez:slots:anonymous", meta["message_id"]) is None
+            assert await store.zscore(SLOTS, meta["message_id"]) is None
             await store.aclose()
     finally:
         doomed.stop()
@@ -278,11 +286,15 @@ async def test_clients_that_leave_early_release_every_slot(tokenizer_dir, corpus
     memory = memory_factory()
     app_settings = settings()
     app, _ = app_with(
-        tokenizer_dir, corpus_backend, memory, default="Short answer. " * 20, delay_s=0.01, settings=app_settings
-    )
+        tokenizer_dir, corpus_backend, memory, default="Short answer. " * 100, delay_s=0.01, settings=app_settings
+    )  # ≈3 s a turn: none ends (and gives its slot back) before all 25 requests were answered
     async with client_for(app) as client:
+        answered: list[int] = []
+        everyone_answered = asyncio.Event()
 
-        async def leave_after_first_chunk() -> int:
+        async def leave_after_first_chunk(clients: int) -> int:
+            """Read the first chunk, wait until all ``clients`` have their status (a slot given back earlier could
+            be taken by a later request), then leave."""
             if route == "/chat":
                 request = {"url": "/chat?websearch=off", "json": {"message": "q"}, "headers": SSE}
             elif route == "/v1/responses":
@@ -291,11 +303,16 @@ async def test_clients_that_leave_early_release_every_slot(tokenizer_dir, corpus
                 body = {"model": "megrez-search", "stream": True, "messages": [{"role": "user", "content": "q"}]}
                 request = {"url": route, "json": body}
             async with client.stream("POST", **request) as response:
+                chunks = response.aiter_bytes()  # kept: a dropped iterator, once collected, closes the response
                 if response.status_code == 200:
-                    await response.aiter_bytes().__anext__()
+                    await anext(chunks)
+                answered.append(response.status_code)
+                if len(answered) == clients:
+                    everyone_answered.set()
+                await everyone_answered.wait()
                 return response.status_code
 
-        statuses = await asyncio.gather(*(leave_after_first_chunk() for _ in range(25)))
+        statuses = await asyncio.gather(*(leave_after_first_chunk(25) for _ in range(25)))
         assert statuses.count(200) == app_settings.rate.concurrent_turns and set(statuses) <= {200, 429}
         runner = app.state.services.runner
         await eventually(lambda: runner.slots_held == 0, 15)  # the turns ended (/chat) or were closed (/v1)
@@ -303,9 +320,11 @@ async def test_clients_that_leave_early_release_every_slot(tokenizer_dir, corpus
             store = redis.from_url(memory_url(memory))
             await eventually(lambda: _no_slots(store), 5)
             await store.aclose()
-        again = await asyncio.gather(*(leave_after_first_chunk() for _ in range(8)))
+        answered.clear()
+        everyone_answered.clear()
+        again = await asyncio.gather(*(leave_after_first_chunk(8) for _ in range(8)))
         assert again == [200] * 8  # all eight slots are free again
 
 
 async def _no_slots(store) -> bool:
-    return await store.zcard("megrez:slots:anonymous") == 0
+    return await store.zcard(SLOTS) == 0
