@@ -1,7 +1,7 @@
 """What a turn's nodes depend on, handed in through LangGraph's runtime context (no globals).
 
-:class:`TurnContext` carries the engine, the retriever, the support checker, the agent config and
-the prompt codec for one turn. :class:`PromptCodec` is the one place that turns messages into what
+:class:`TurnContext` carries the engine, the retriever, the support checker, the agent config, the
+prompt codec and ``emit`` — where the nodes send the turn's events (``agent/turn.py``) — for one turn. :class:`PromptCodec` is the one place that turns messages into what
 the engine takes and counts their tokens:
 
 * with the engine's tokenizer (embedded vLLM, or a remote server whose tokenizer is on this
@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from agent.config import AgentConfig
+from agent.events import Event
 from agent.support import SupportChecker
 from engine.base import Engine, Prompt
 from engine.protocol import FUNCTION_END, FUNCTION_START, Message, PromptEncoder, render_prompt
@@ -35,6 +36,7 @@ from retrieval.pipeline import Retriever
 from retrieval.tokenize import estimate_tokens
 
 _CACHE_SIZE = 4096
+Sink = Callable[[Event], None]  # takes one event of a turn; must not block (it runs inside the node)
 
 
 class PromptCodec:
@@ -141,6 +143,7 @@ class TurnContext:
     config: AgentConfig
     support: SupportChecker
     request_id: str  # prefix of this turn's engine request ids
+    emit: Sink  # the turn's events, in order, straight to whoever runs the turn
     clock: Callable[[], datetime] = datetime.now
     started: float = field(default_factory=time.monotonic)  # when the turn began
     _requests: int = field(default=0, init=False)

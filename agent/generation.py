@@ -21,8 +21,6 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
-from langgraph.types import StreamWriter
-
 from agent.citations import CitationProcessor
 from agent.context import TurnContext
 from agent.events import CitationEvent, PreambleEvent, Source, StatusEvent, TokenEvent, Usage
@@ -96,20 +94,19 @@ async def stream_generation(
     prompt: Prompt,
     sampling: Sampling,
     *,
-    write: StreamWriter,
     resolve: Mapping[int, int],
     sources: Mapping[int, Source],
     multimodal: MultiModalData | None = None,
     forced: bool = False,
     on_first_token: Callable[[], None] = lambda: None,
 ) -> Streamed:
-    """Run one generation and stream its events through ``write``.
+    """Run one generation and stream its events through ``ctx.emit``.
 
     ``resolve`` maps the model's context numbers to source numbers, ``sources`` the source numbers
     to sources (for ``citation`` events). ``forced``: the prompt ends with the forced-search prefix.
     Engine errors propagate (the caller turns them into an ``error`` event).
     """
-    meter = _UsageMeter()
+    meter, emit = _UsageMeter(), ctx.emit
     finish: str | None = None
     if forced:
         text = ""
@@ -139,9 +136,9 @@ async def stream_generation(
             if first:
                 first = False
                 on_first_token()
-            write(TokenEvent(text=processed.text))
+            emit(TokenEvent(text=processed.text))
         for n in processed.new_sources:
-            write(CitationEvent(n=n, url=sources[n].url, title=sources[n].title))
+            emit(CitationEvent(n=n, url=sources[n].url, title=sources[n].title))
 
     def handle(events: Sequence[object]) -> None:
         nonlocal call
@@ -149,7 +146,7 @@ async def stream_generation(
             if isinstance(event, TextEvent):
                 emit_text(event.text)
             elif isinstance(event, FunctionCallStarted):
-                write(StatusEvent(stage="searching", code="search_call", message="Searching…"))
+                emit(StatusEvent(stage="searching", code="search_call", message="Searching…"))
             elif isinstance(event, FunctionCallEvent | FunctionCallError):
                 call = event
 
@@ -160,16 +157,16 @@ async def stream_generation(
     handle(parser.close(finish))
     tail = citations.flush()
     if tail.text:
-        write(TokenEvent(text=tail.text))
+        emit(TokenEvent(text=tail.text))
     for n in tail.new_sources:
-        write(CitationEvent(n=n, url=sources[n].url, title=sources[n].title))
+        emit(CitationEvent(n=n, url=sources[n].url, title=sources[n].title))
 
     message = parser.message()
     if call is None:
         generation = Generation("answer", citations.text, tuple(citations.spans), tuple(citations.cited))
         return Streamed(generation, message, meter.usage(), finish)
     if citations.text:
-        write(PreambleEvent(text=citations.text))
+        emit(PreambleEvent(text=citations.text))
     if isinstance(call, FunctionCallEvent):
         return Streamed(
             Generation("call", citations.text, query=call.arguments["query"]), message, meter.usage(), finish

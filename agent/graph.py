@@ -5,7 +5,7 @@
     prepare ─► generate ─┬─► search ─► generate …   (a valid call, while rounds remain)
                          ├─► repair ─► generate     (a malformed call / unknown function: once)
                          ├─► generate               (after a failed repair: a forced search)
-                         ├─► cite ─► check ─► related ─► finish
+                         ├─► finish                 (an answer: cite, check, follow-ups, the answer event)
                          └─► END                    (engine error: an ``error`` event was sent)
 
 * **prepare** builds the prompt: system prompt for the mode (the clock taken once per turn), the
@@ -22,12 +22,14 @@
   system prompt (that request misses the prefix cache).
 * **search** runs the retriever with the model's query, streams ``query``/``sources``/``page``
   events, and appends the observation (contexts numbered on from earlier rounds).
-* **cite** resolves the final answer's citations (already normalised while streaming), **check**
-  scores each cited sentence against its passages, **related** asks for follow-up questions
-  (only after a search), **finish** emits the ``answer`` event and the turn record.
+* **finish** resolves the final answer's citations (already normalised while streaming), scores each
+  cited sentence against its passages, asks for follow-up questions (only after a search), and emits
+  the ``answer`` event and the turn record. These four steps are one node: they always run in this
+  order, and each step of the graph costs LangGraph ≈0.2 ms of CPU, more than most of them.
 
 Nodes are small functions returning state updates; the engine, retriever, support checker and
-prompt codec come from the runtime context (:class:`agent.context.TurnContext`).
+prompt codec come from the runtime context (:class:`agent.context.TurnContext`), and so does ``emit``,
+where they send the turn's events (not LangGraph's stream writer: ``agent/turn.py`` says why).
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ from langgraph.graph.state import CompiledStateGraph
 from langgraph.runtime import Runtime
 
 from agent.citations import cited_claims
-from agent.context import TurnContext
+from agent.context import Sink, TurnContext
 from agent.events import (
     Answer,
     AnswerEvent,
@@ -57,6 +59,7 @@ from agent.events import (
     TokenEvent,
     TranscriptMessage,
     TurnRecord,
+    Usage,
 )
 from agent.generation import related_questions, stream_generation
 from agent.history import trim_history
@@ -81,7 +84,7 @@ _CALLED_ANYWAY = "the model tried to call the search tool when it could not"
 
 
 def _fail(runtime: Runtime[TurnContext], code: ErrorCode, message: str) -> dict[str, Any]:
-    runtime.stream_writer(ErrorEvent(code=code, message=message))
+    runtime.context.emit(ErrorEvent(code=code, message=message))
     return {"failed": True}
 
 
@@ -160,7 +163,7 @@ async def prepare(state: TurnState, runtime: Runtime[TurnContext]) -> dict[str, 
 
 async def generate(state: TurnState, runtime: Runtime[TurnContext]) -> dict[str, Any]:
     """One generation: a forced query, or text that may end in a tool call (see the module docstring)."""
-    ctx, config, write = runtime.context, runtime.context.config, runtime.stream_writer
+    ctx, config, emit = runtime.context, runtime.context.config, runtime.context.emit
     codec, mode, rounds = ctx.codec, state["mode"], state.get("rounds", 0)
     messages = _messages(state)
     prompt_tokens = await codec.count(messages, add_generation_prompt=True) + state.get("media_tokens", 0)
@@ -184,7 +187,7 @@ async def generate(state: TurnState, runtime: Runtime[TurnContext]) -> dict[str,
             regex=FORCED_SEARCH_REGEX,
             stop_token_ids=stop_ids,
         )
-        write(StatusEvent(stage="searching", code="writing_query", message="Writing a search query"))
+        emit(StatusEvent(stage="searching", code="writing_query", message="Writing a search query"))
     else:
         ban = {} if tools or codec.function_start_id is None else {codec.function_start_id: BAN}
         sampling = Sampling(
@@ -196,7 +199,7 @@ async def generate(state: TurnState, runtime: Runtime[TurnContext]) -> dict[str,
             stop=tuple(config.stop),
             logit_bias=ban,
         )
-        write(_THINKING if rounds == 0 else _ANSWERING)
+        emit(_THINKING if rounds == 0 else _ANSWERING)
     first_token: list[float] = []
 
     def run(prompt_messages: list[Message]):
@@ -204,7 +207,6 @@ async def generate(state: TurnState, runtime: Runtime[TurnContext]) -> dict[str,
             ctx,
             codec.prompt(prompt_messages, force_search=force),
             sampling,
-            write=write,
             resolve={c.number: c.n for c in state.get("contexts", [])},
             sources={s.n: s for s in state.get("sources", [])},
             multimodal=state.get("multimodal"),
@@ -225,11 +227,11 @@ async def generate(state: TurnState, runtime: Runtime[TurnContext]) -> dict[str,
             # Nothing to answer with: ask once more with the function left out of the system prompt. The
             # changed first message costs the prefix cache this once (a working ban keeps it).
             notes.append(Note(code="tool_call_retried", message=f"{_CALLED_ANYWAY}: asked again without the tool"))
-            write(_ANSWERING)
+            emit(_ANSWERING)
             out = await run([_without_tool(messages[0]), *messages[1:]])
             usage = add_usage(usage, out.usage)
     except EngineError as exc:
-        runtime.stream_writer(engine_failure(exc))
+        runtime.context.emit(engine_failure(exc))
         return {"failed": True}
     generation = out.generation
     update: dict[str, Any] = {"usage": usage, "fallback": False, "notes": notes}
@@ -260,7 +262,7 @@ async def generate(state: TurnState, runtime: Runtime[TurnContext]) -> dict[str,
 
 async def repair(state: TurnState, runtime: Runtime[TurnContext]) -> dict[str, Any]:
     """Tell the model, once, what was wrong with its call (an observation, as the vendor does)."""
-    runtime.stream_writer(
+    runtime.context.emit(
         StatusEvent(stage="thinking", code="repairing_call", message="The search call was malformed; retrying")
     )
     return {"turn": [Message("observation", state["generation"].error)], "repaired": True}
@@ -268,13 +270,13 @@ async def repair(state: TurnState, runtime: Runtime[TurnContext]) -> dict[str, A
 
 async def search(state: TurnState, runtime: Runtime[TurnContext]) -> dict[str, Any]:
     """Search with the model's query, read and select, then append the observation."""
-    ctx, config, write = runtime.context, runtime.context.config, runtime.stream_writer
+    ctx, config, emit = runtime.context, runtime.context.config, runtime.context.emit
     query, round_ = state["generation"].query.strip(), state.get("rounds", 0) + 1
     question, language = state["question"], state["answer_language"]
     known = list(state.get("sources", []))
     start = len(state.get("contexts", [])) + 1
-    write(QueryEvent(query=query, round=round_))
-    write(StatusEvent(stage="searching", code="searching", message=f"Searching: {query}", params={"query": query}))
+    emit(QueryEvent(query=query, round=round_))
+    emit(StatusEvent(stage="searching", code="searching", message=f"Searching: {query}", params={"query": query}))
     # The template without contexts: what the observation costs before any passage is added.
     empty = Message("observation", render_observation(question, query, [], language=language))
     used = await ctx.codec.count([*_messages(state), empty], add_generation_prompt=True)
@@ -292,7 +294,7 @@ async def search(state: TurnState, runtime: Runtime[TurnContext]) -> dict[str, A
         if isinstance(event, SearchEvent):
             searched_at[0] = time.monotonic()
             new_sources.extend(number_sources(event.results, known, round=round_))
-            write(
+            emit(
                 SourcesEvent(
                     round=round_,
                     sources=new_sources,
@@ -303,11 +305,11 @@ async def search(state: TurnState, runtime: Runtime[TurnContext]) -> dict[str, A
             )
             if pages := len(event.results):
                 reading = f"Reading {pages} pages"
-                write(StatusEvent(stage="reading", code="reading", message=reading, params={"pages": pages}))
+                emit(StatusEvent(stage="reading", code="reading", message=reading, params={"pages": pages}))
         elif isinstance(event, PageEvent):
-            write(event)
+            emit(event)
         elif isinstance(event, SelectedEvent):
-            write(
+            emit(
                 StatusEvent(
                     stage="reading",
                     code="selected",
@@ -358,52 +360,49 @@ async def search(state: TurnState, runtime: Runtime[TurnContext]) -> dict[str, A
     return update
 
 
-async def cite(state: TurnState, runtime: Runtime[TurnContext]) -> dict[str, Any]:
-    """The answer text and the sources it cites (first-citation order), with the passages shown."""
+def _cited(state: TurnState, emit: Sink) -> tuple[str, list[CitationRef], list[Note]]:
+    """The answer text and the sources it cites (first-citation order), with the passages shown; a fixed apology
+    (streamed) when the model wrote nothing."""
     generation = state["generation"]
     if not generation.text.strip():
         text = in_language(EMPTY_ANSWER, state["answer_language"])
-        runtime.stream_writer(TokenEvent(text=text))
-        empty = Note(code="empty_answer", message="the model wrote no answer")
-        return {"answer_text": text, "citations": [], "notes": [empty]}
+        emit(TokenEvent(text=text))
+        return text, [], [Note(code="empty_answer", message="the model wrote no answer")]
     by_n = {s.n: s for s in state.get("sources", [])}
     passages = passages_by_source(state.get("contexts", []))
     citations = [
         CitationRef(n=n, url=by_n[n].url, title=by_n[n].title, passage=passages.get(n, by_n[n].snippet))
         for n in generation.cited
     ]
-    return {"answer_text": generation.text, "citations": citations}
+    return generation.text, citations, []
 
 
-async def check(state: TurnState, runtime: Runtime[TurnContext]) -> dict[str, Any]:
+def _checked(state: TurnState, ctx: TurnContext, text: str, citations: list[CitationRef]) -> list[CitationRef]:
     """Score every cited sentence against its cited passages; a citation keeps its weakest score."""
-    citations = state.get("citations", [])
     if not citations:
-        return {}
-    runtime.stream_writer(StatusEvent(stage="checking", code="checking", message="Checking citations"))
+        return citations
+    ctx.emit(StatusEvent(stage="checking", code="checking", message="Checking citations"))
     passages = {c.n: c.passage for c in citations}
     worst: dict[int, tuple[bool, float]] = {}
-    for claim in cited_claims(state["answer_text"], state["generation"].spans):
+    for claim in cited_claims(text, state["generation"].spans):
         cited = [passages[n] for n in claim.sources if n in passages]
         if not claim.text or not cited:
             continue
-        result = runtime.context.support.check(claim.text, cited, question=state["question"])
+        result = ctx.support.check(claim.text, cited, question=state["question"])
         for n in claim.sources:
             if n not in worst or result.score < worst[n][1]:
                 worst[n] = (result.supported, result.score)
-    checked = [
+    return [
         c.model_copy(update={"supported": worst[c.n][0], "score": round(worst[c.n][1], 4)}) if c.n in worst else c
         for c in citations
     ]
-    return {"citations": checked}
 
 
-async def related(state: TurnState, runtime: Runtime[TurnContext]) -> dict[str, Any]:
-    """Follow-up questions after an answer that searched (not for small talk or plain chat)."""
-    ctx = runtime.context
+async def _related(state: TurnState, ctx: TurnContext) -> tuple[list[str], Usage | None, list[Note]]:
+    """Follow-up questions after an answer that searched (not for small talk or plain chat), with their usage."""
     if not (ctx.config.related and state.get("rounds", 0) and state["generation"].text.strip()):
-        return {}
-    runtime.stream_writer(StatusEvent(stage="related", code="related", message="Suggesting follow-up questions"))
+        return [], None, []
+    ctx.emit(StatusEvent(stage="related", code="related", message="Suggesting follow-up questions"))
     try:
         questions, usage = await related_questions(
             ctx,
@@ -415,33 +414,37 @@ async def related(state: TurnState, runtime: Runtime[TurnContext]) -> dict[str, 
         )
     except EngineError as exc:  # notes reach every visitor: the engine's own text (addresses) goes to the log
         log.warning("no follow-up questions: %s", exc)
-        return {"notes": [Note(code="no_related", message="no follow-up questions: the model engine failed")]}
+        return [], None, [Note(code="no_related", message="no follow-up questions: the model engine failed")]
     if questions:
-        runtime.stream_writer(RelatedEvent(questions=questions))
-    return {"related": questions, "usage": usage}
+        ctx.emit(RelatedEvent(questions=questions))
+    return questions, usage, []
 
 
 async def finish(state: TurnState, runtime: Runtime[TurnContext]) -> dict[str, Any]:
-    """The structured answer (streamed as the last event) and the record memory keeps."""
+    """Cite, check, ask for follow-ups, then the structured answer (streamed as the last event) and the record
+    memory keeps (one node, not four: the module docstring says why)."""
     ctx = runtime.context
+    text, citations, notes = _cited(state, ctx.emit)
+    citations = _checked(state, ctx, text, citations)
+    questions, usage, related_notes = await _related(state, ctx)
     answer = Answer(
-        answer=state["answer_text"],
-        citations=state.get("citations", []),
+        answer=text,
+        citations=citations,
         sources=state.get("sources", []),
         queries=state.get("queries", []),
         searched=state.get("rounds", 0) > 0,
         rounds=state.get("rounds", 0),
         mode=state["mode"],
         language=state["answer_language"],
-        related=state.get("related", []),
-        usage=state.get("usage"),
+        related=questions,
+        usage=add_usage(state.get("usage"), usage),
         timings=Timings(
             search_ms=state.get("search_ms") if state.get("rounds") else None,
             read_ms=state.get("read_ms") if state.get("rounds") else None,
             first_token_ms=state.get("first_token_ms"),
             total_ms=ctx.elapsed_ms(),
         ),
-        notes=state.get("notes", []),
+        notes=[*state.get("notes", []), *notes, *related_notes],
     )
     record = TurnRecord(
         question=state["question"],
@@ -452,15 +455,15 @@ async def finish(state: TurnState, runtime: Runtime[TurnContext]) -> dict[str, A
         ],
         answer=answer,
     )
-    runtime.stream_writer(AnswerEvent(answer=answer))
+    ctx.emit(AnswerEvent(answer=answer))
     return {"answer": answer, "record": record}
 
 
-def after_prepare(state: TurnState) -> Literal["generate", "__end__"]:
+async def after_prepare(state: TurnState) -> Literal["generate", "__end__"]:
     return END if state.get("failed") else "generate"
 
 
-def after_generate(state: TurnState) -> Literal["search", "repair", "generate", "cite", "__end__"]:
+async def after_generate(state: TurnState) -> Literal["search", "repair", "generate", "finish", "__end__"]:
     if state.get("failed"):
         return END
     kind = state["generation"].kind
@@ -468,21 +471,18 @@ def after_generate(state: TurnState) -> Literal["search", "repair", "generate", 
         return "search"
     if kind == "call_error":
         return "generate" if state.get("fallback") or state.get("tools_off") else "repair"
-    return "cite"
+    return "finish"
 
 
 def build_graph() -> CompiledStateGraph:
     """The whole turn, wired in one place."""
     graph = StateGraph(TurnState, context_schema=TurnContext, input_schema=TurnInput, output_schema=TurnOutput)
-    for node in (prepare, generate, repair, search, cite, check, related, finish):
+    for node in (prepare, generate, repair, search, finish):
         graph.add_node(node.__name__, node)
     graph.add_edge(START, "prepare")
     graph.add_conditional_edges("prepare", after_prepare)
     graph.add_conditional_edges("generate", after_generate)
     graph.add_edge("repair", "generate")
     graph.add_edge("search", "generate")
-    graph.add_edge("cite", "check")
-    graph.add_edge("check", "related")
-    graph.add_edge("related", "finish")
     graph.add_edge("finish", END)
     return graph.compile()

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Annotated, Any, Literal, TypedDict
 
 from agent.config import SearchMode
-from agent.events import Answer, CitationRef, MediaRef, Note, Source, TurnRecord, Usage
+from agent.events import Answer, MediaRef, Note, Source, TurnRecord, Usage
 from engine.protocol import MediaKind, Message
 
 
@@ -101,6 +101,3 @@ class TurnState(TurnInput, TurnOutput, total=False):
     search_ms: Annotated[float, operator.add]
     read_ms: Annotated[float, operator.add]
     first_token_ms: float | None
-    answer_text: str
-    citations: list[CitationRef]
-    related: list[str]

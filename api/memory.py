@@ -45,6 +45,7 @@ from typing import Literal, Protocol
 from pydantic import BaseModel
 
 from agent.events import ErrorEvent, MediaRef, TurnRecord
+from api import sse
 
 MessageStatus = Literal["running", "done", "stopped", "failed"]
 DONE = "done"  # the last event of every message stream: {"type": "done", "status": ...}
@@ -113,11 +114,26 @@ class MessageStart:
 @dataclass(frozen=True, slots=True)
 class StoredEvent:
     """One event of a message's stream; ``id`` is what a client sends back as ``Last-Event-ID``
-    (empty for an event made up by a reader, which never was in the store)."""
+    (empty for an event made up by a reader, which never was in the store).
+
+    Example::
+
+        event = StoredEvent("1700000000000-0", "token", '{"type": "token", "text": "Hi"}')
+        event.frame  # b'id: 1700000000000-0\r\nevent: token\r\ndata: {"type": ...}\r\n\r\n'
+    """
 
     id: str
     type: str
     data: str  # the event's JSON
+    _frame: bytes | None = field(default=None, init=False, repr=False, compare=False)
+
+    @property
+    def frame(self) -> bytes:
+        """The event as one SSE frame (``api/sse.py``), encoded on first use and shared from then on: every
+        follower of a :class:`LiveStream` reads the same event objects."""
+        if self._frame is None:
+            object.__setattr__(self, "_frame", sse.frame(self.type, self.data, self.id))  # a cache: frozen otherwise
+        return self._frame  # type: ignore[return-value]
 
 
 class EventIds:

@@ -32,7 +32,6 @@ merged into one (same text, fewer events) — like vLLM's own output collector.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
@@ -275,8 +274,7 @@ class TurnRunner:
             self.metrics.observe(event)
 
         try:
-            async for event in turn:
-                emit(event)
+            await turn.run(emit)  # in this task: a stop cancels the running node (the engine request aborts)
             running.finishing = True
             if turn.record is not None:
                 stored = StoredTurn(message_id=mid, record=turn.record)
@@ -285,8 +283,6 @@ class TurnRunner:
                 stored = self._partial(mid, running, "failed", error or _internal("the turn ended without an answer"))
         except asyncio.CancelledError:  # stopped: by the user, a delete, or the service shutting down
             running.finishing = True
-            with contextlib.suppress(Exception):
-                await turn.aclose()  # closes the engine stream: the request is aborted
             self.metrics.turns.labels("stopped").inc()
             stored = self._partial(mid, running, "stopped")
         except Exception as exc:  # a bug outside the agent's own error handling: the stream still ends

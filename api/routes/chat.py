@@ -3,7 +3,8 @@
 Every response reads the message's event stream in memory (see ``api/turns.py``): the live stream, a
 resumed one (``Last-Event-ID`` header or ``last_event_id`` query) and the JSON answer are the same
 events. SSE: ``event:`` is the event's type, ``data:`` its JSON, ``id:`` the stream id; ``meta`` comes
-first, ``done`` last, a comment every 15 s keeps idle proxies from closing the connection.
+first, ``done`` last, a comment every 15 s keeps idle proxies from closing the connection. A stored event's
+frame is encoded once and the same bytes go to each of its followers (``api/sse.py``).
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ from collections.abc import AsyncIterator
 from fastapi import APIRouter, Depends, Header, HTTPException, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
-from sse_starlette.sse import EventSourceResponse
 
 from agent.state import MediaItem
 from api.config import ApiConfig
@@ -24,6 +24,7 @@ from api.media import MediaRejected, check_media, decode_base64
 from api.memory import DONE, StoredEvent, event_id_key
 from api.routes.deps import caller, owned_conversation, services, store_errors
 from api.schemas import ChatRequest, ChatResponse, MetaEvent
+from api.sse import FrameStream, frame
 from engine.base import Engine
 
 router = APIRouter(tags=["chat"])
@@ -42,28 +43,27 @@ def _mode(websearch: str) -> str:
     return mode
 
 
-async def _sse(svc, cid: str, mid: str, after: str | None) -> AsyncIterator[dict]:
+async def _sse(svc, cid: str, mid: str, after: str | None) -> AsyncIterator[bytes]:
     """The message's events as SSE frames, ``meta`` first unless resuming; always ends with ``done``
     (:meth:`api.turns.TurnRunner.follow`). A frame without ``id`` (made up here) leaves the client's
-    ``Last-Event-ID`` at the last real event."""
+    ``Last-Event-ID`` at the last real event. Each stored event's frame is encoded once, for every follower."""
     streams = svc.runner.metrics.streams
     streams.inc()
     try:
         if after is None:
-            meta = MetaEvent(conversation_id=cid, message_id=mid).model_dump_json()
-            yield {"event": "meta", "id": "0-0", "data": meta}
+            yield frame("meta", MetaEvent(conversation_id=cid, message_id=mid).model_dump_json(), "0-0")
+        key_holder = svc.access.keys_required
         async for event in svc.runner.follow(mid, after):
-            frame = {"event": event.type, "data": _shown(event, svc.access.keys_required)}
-            if event.id:
-                frame["id"] = event.id
-            yield frame
+            data = _shown(event, key_holder)
+            yield event.frame if data is event.data else frame(event.type, data, event.id)
     finally:
         streams.dec()
 
 
 def _shown(event: StoredEvent, key_holder: bool) -> str:
-    """An event's JSON as this caller may see it: an error's ``detail`` (library text, internal addresses)
-    only for key holders; visitors of a keyless service get the plain message (the detail is in the log)."""
+    """An event's JSON as this caller may see it (``event.data`` itself when unchanged): an error's ``detail``
+    (library text, internal addresses) only for key holders; visitors of a keyless service get the plain
+    message (the detail is in the log)."""
     if key_holder or event.type != "error" or '"detail"' not in event.data:
         return event.data
     error = json.loads(event.data)
@@ -164,7 +164,7 @@ async def chat(
             owner=owner,
         )
     if stream or (stream is None and "text/event-stream" in request.headers.get("accept", "")):
-        return EventSourceResponse(_sse(svc, conversation.id, mid, None), ping=15, headers=SSE_HEADERS)
+        return FrameStream(_sse(svc, conversation.id, mid, None), ping=15, headers=SSE_HEADERS)
     answer = error = None
     status = "running"
     async for event in svc.runner.follow(mid):
@@ -205,7 +205,7 @@ async def resume(
             event_id_key(after)
         except ValueError as exc:
             raise HTTPException(400, f"Last-Event-ID: {exc}") from None
-    return EventSourceResponse(_sse(svc, known[0], message_id, after), ping=15, headers=SSE_HEADERS)
+    return FrameStream(_sse(svc, known[0], message_id, after), ping=15, headers=SSE_HEADERS)
 
 
 @router.post("/chat/{message_id}/stop", responses=error_responses(401, 404, 429, 503, 504))

@@ -28,7 +28,6 @@ from collections.abc import AsyncIterator, Callable
 import anyio
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
-from sse_starlette.sse import EventSourceResponse
 
 from agent import TurnStream
 from agent.events import Answer, AnswerEvent, ErrorEvent, Event, PreambleEvent, TokenEvent
@@ -49,6 +48,7 @@ from api.openai_compat import (
     usage,
 )
 from api.routes.deps import caller, services, store_errors
+from api.sse import FrameStream, data_frame
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 
@@ -146,7 +146,7 @@ async def chat_completions(request: Request, body: ChatCompletionRequest, owner:
         release()
 
 
-class SlotStream(EventSourceResponse):
+class SlotStream(FrameStream):
     """An SSE response that gives its turn slot back when the response ends — finished, failed, or cancelled
     because the client left — even if the body never started (``release`` is synchronous and idempotent)."""
 
@@ -161,30 +161,38 @@ class SlotStream(EventSourceResponse):
             self._release()
 
 
-async def _stream(turn, cid: str, model: str, include_usage: bool, metrics: Metrics) -> AsyncIterator[dict]:
+async def _stream(turn, cid: str, model: str, include_usage: bool, metrics: Metrics) -> AsyncIterator[bytes]:
     created = int(time.time())
     streamed = ""
 
-    def data(payload: dict) -> dict:
-        return {"data": json.dumps(payload, ensure_ascii=False)}
+    def data(payload: dict) -> bytes:
+        return data_frame(json.dumps(payload, ensure_ascii=False))
 
     def piece(delta: dict, finish: str | None = None) -> dict:
         out = chunk(cid, model, created, delta, finish)
         if include_usage:
             out["usage"] = None  # as OpenAI: null on every chunk but the usage-only one
-        return data(out)
+        return out
+
+    # A text chunk differs from the next only by its text: its JSON is written once, around a placeholder,
+    # and each token's chunk is that JSON with the token's text (JSON-encoded) put in.
+    hole = "\x00"
+    before, after = json.dumps(piece({"content": hole}), ensure_ascii=False).split(json.dumps(hole))
+
+    def text(content: str) -> bytes:
+        return data_frame(before + json.dumps(content, ensure_ascii=False) + after)
 
     metrics.streams.inc()
     try:
-        yield piece({"role": "assistant", "content": ""})
+        yield data(piece({"role": "assistant", "content": ""}))
         async for event in turn:
             metrics.observe(event)
             if isinstance(event, TokenEvent) and event.text:
                 streamed += event.text
-                yield piece({"content": event.text})
+                yield text(event.text)
             elif isinstance(event, PreambleEvent) and streamed:
                 streamed += "\n\n"
-                yield piece({"content": "\n\n"})
+                yield text("\n\n")
             elif isinstance(event, ErrorEvent):
                 yield data(error_of(event).body())
                 return
@@ -195,11 +203,11 @@ async def _stream(turn, cid: str, model: str, include_usage: bool, metrics: Metr
                 marks = (
                     annotations(answer.answer, answer, offset) if offset is not None else annotations(streamed, answer)
                 )
-                yield piece({"annotations": marks}, "stop")
+                yield data(piece({"annotations": marks}, "stop"))
                 if include_usage:
                     usage_only = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model}
                     yield data(usage_only | {"choices": [], "usage": usage(answer)})
-        yield {"data": "[DONE]"}
+        yield data_frame("[DONE]")
     finally:
         metrics.streams.dec()
         await close_turn(turn)

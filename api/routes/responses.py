@@ -28,6 +28,7 @@ from api.responses_compat import ResponseRequest, echoed_tools, read_response_re
 from api.responses_stream import ResponseWriter
 from api.routes.deps import caller
 from api.routes.openai import SlotStream, answer_of, checked_services, close_turn, start_turn
+from api.sse import frame
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 
@@ -69,18 +70,18 @@ async def responses(request: Request, body: ResponseRequest, owner: str = Depend
     return JSONResponse(writer.response)
 
 
-async def _stream(turn: TurnStream, writer: ResponseWriter, metrics: Metrics) -> AsyncIterator[dict]:
-    def frames(events: list[dict]) -> list[dict]:
-        return [{"event": e["type"], "data": json.dumps(e, ensure_ascii=False)} for e in events]
+async def _stream(turn: TurnStream, writer: ResponseWriter, metrics: Metrics) -> AsyncIterator[bytes]:
+    def frames(events: list[dict]) -> list[bytes]:
+        return [frame(e["type"], json.dumps(e, ensure_ascii=False)) for e in events]
 
     metrics.streams.inc()
     try:
-        for frame in frames(writer.start()):
-            yield frame
+        for start in frames(writer.start()):
+            yield start
         async for event in turn:
             metrics.observe(event)
-            for frame in frames(writer.feed(event)):
-                yield frame
+            for out in frames(writer.feed(event)):
+                yield out
             if isinstance(event, AnswerEvent | ErrorEvent):
                 return
     finally:
