@@ -198,29 +198,31 @@ async def cmd_ask(args: argparse.Namespace) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    import uvicorn
+    from functools import partial
 
-    from api.app import create_app
-    from api.http_guard import server_config
     from api.logs import configure
+    from api.workers import ServeFailed, refusal, serve_embedded, serve_workers, service_config
 
     os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
     settings = _settings()
+    workers = args.workers or settings.api.workers
+    if (problem := refusal(settings, workers)) is not None:
+        raise UsageError(problem)
     configure(args.log_format)
     print(
-        f"megrez-search: serving on http://{args.host}:{args.port} (engine: {settings.engine.backend}, "
-        f"{settings.engine.model}; GET /readyz says when it is loaded)",
+        f"megrez-search: serving on http://{args.host}:{args.port} with {workers} worker{'s' * (workers > 1)} "
+        f"(engine: {settings.engine.backend}, {settings.engine.model}; GET /readyz says when it is loaded)",
         file=sys.stderr,
         flush=True,
     )
-    # Request heads and bodies bounded in time, X-Forwarded-For trusted only from MEGREZ_API__TRUSTED_PROXIES.
-    config = server_config(
-        create_app(settings), settings, host=args.host, port=args.port, log_level="info", log_config=None
-    )
-    server = uvicorn.Server(config)
-    server.run()
-    if not server.started:
-        raise CommandFailed(f"the server did not start on {args.host}:{args.port} (see the log above)")
+    try:
+        if workers > 1 and settings.engine.backend == "vllm":  # N frontends of one engine core
+            serve_embedded(settings, host=args.host, port=args.port, workers=workers, log_format=args.log_format)
+        else:
+            factory = partial(service_config, settings, host=args.host, port=args.port, log_format=args.log_format)
+            serve_workers(factory, host=args.host, port=args.port, workers=workers)
+    except ServeFailed as exc:
+        raise CommandFailed(str(exc)) from None
 
 
 def _positive(value: str) -> int:
@@ -297,6 +299,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--log-format", choices=("text", "json"), default="text", help="log lines as text or JSON")
+    p.add_argument(
+        "--workers",
+        type=_positive,
+        help="API processes sharing the port (default: MEGREZ_API__WORKERS, 1); more need MEGREZ_REDIS_URL",
+    )
     p.set_defaults(func=cmd_serve)
 
     p = command("support", "score claim/passage pairs with the citation support check (JSONL in/out)")

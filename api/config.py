@@ -29,6 +29,12 @@ class ApiConfig(BaseModel):
     body_timeout_s: float = Field(
         default=30.0, gt=0, description="Longest pause between two pieces of a request body; 408 after."
     )
+    workers: int = Field(
+        default=1,
+        ge=1,
+        description="API processes serving the port (`serve --workers`); more than 1 needs MEGREZ_REDIS_URL. "
+        "On a GPU host, one per 2–4 cores (README, Self-hosting).",
+    )
     trusted_proxies: list[str] = Field(
         default=[],
         description="Addresses or CIDRs of reverse proxies whose X-Forwarded-For names the client; empty: none.",

@@ -11,19 +11,35 @@ as in the tests, count separately). What is counted:
   and every backend passed over, ``failed`` with its reason's kind (``timed out``, ``rate limited``…);
 - ``megrez_search_cache_hits_total`` — rounds answered from the search cache;
 - ``megrez_active_streams`` — SSE streams open now (``/chat``, resumes, OpenAI);
-- ``megrez_turns_running`` — turns running in this process (the engine's queue, seen from here).
+- ``megrez_turns_running`` — turns running in this service (the engine's queue, seen from here).
+
+With several workers (``api/workers.py``) the metrics are the host's: prometheus_client's multiprocess
+mode (``PROMETHEUS_MULTIPROC_DIR``, set by the parent before the workers start) keeps each worker's
+values in files there, and :meth:`Metrics.render` in whichever worker answers ``/metrics`` adds them up:
+counters and histograms summed, the gauges as ``livesum``. A gauge cannot call into the other workers
+at scrape time, so each worker writes its ``megrez_turns_running`` once a second. One series is then
+per worker: ``megrez_worker_turns{pid}``, the turns each has finished (answered or failed), which shows
+how evenly the port spreads the load. vLLM's frontends write their ``vllm:*`` metrics to the same
+directory; they are left out, so ``/metrics`` says the same with one worker or several.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import asyncio
+import contextlib
+import os
+from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.metrics_core import Metric
+from prometheus_client.multiprocess import MultiProcessCollector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from agent.events import AnswerEvent, ErrorEvent, Event, SourcesEvent
 
 _STAGE_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64)
+MULTIPROCESS_DIR = "PROMETHEUS_MULTIPROC_DIR"  # prometheus_client's switch to multiprocess mode
+RUNNING_REFRESH_S = 1.0
 
 
 class Metrics:
@@ -37,8 +53,14 @@ class Metrics:
     """
 
     def __init__(self, running: Callable[[], int] = lambda: 0) -> None:
+        """``running``: the number of turns this process runs now."""
         self.registry = CollectorRegistry()
         r = self.registry
+        # prometheus_client read the variable when it was imported; the workers inherit it from the parent.
+        self._host: CollectorRegistry | None = None
+        if MULTIPROCESS_DIR in os.environ:
+            self._host = CollectorRegistry()
+            self._host.register(_HostCollector())
         self.requests = Counter("megrez_requests", "HTTP requests", ["route", "method", "status"], registry=r)
         self.stages = Histogram(
             "megrez_turn_stage_seconds", "Time per turn stage", ["stage"], buckets=_STAGE_BUCKETS, registry=r
@@ -47,9 +69,23 @@ class Metrics:
         self.turns = Counter("megrez_turns", "Turns by outcome", ["outcome"], registry=r)
         self.search = Counter("megrez_search", "Search rounds and backend failures", ["backend", "outcome"], registry=r)
         self.cache_hits = Counter("megrez_search_cache_hits", "Search rounds answered from the cache", registry=r)
-        self.streams = Gauge("megrez_active_streams", "SSE streams open", registry=r)
-        running_gauge = Gauge("megrez_turns_running", "Turns running in this process", registry=r)
-        running_gauge.set_function(running)
+        self.streams = Gauge("megrez_active_streams", "SSE streams open", multiprocess_mode="livesum", registry=r)
+        self._running = running
+        self._running_gauge = Gauge("megrez_turns_running", "Turns running", multiprocess_mode="livesum", registry=r)
+        self.worker_turns: Gauge | None = None
+        if self._host is None:
+            self._running_gauge.set_function(running)
+        else:
+            self.worker_turns = Gauge(
+                "megrez_worker_turns", "Turns finished by each worker", multiprocess_mode="liveall", registry=r
+            )
+            with contextlib.suppress(RuntimeError):  # no event loop: render() writes it
+                asyncio.get_running_loop().call_soon(self._write_running)
+
+    def _write_running(self) -> None:
+        """Multiprocess mode: this worker's running turns into its file, now and every second."""
+        self._running_gauge.set(self._running())
+        asyncio.get_running_loop().call_later(RUNNING_REFRESH_S, self._write_running)
 
     def observe(self, event: Event) -> None:
         """Count what one agent event says (search outcomes, and the finished turn's timings and usage)."""
@@ -73,11 +109,26 @@ class Metrics:
                     self.stages.labels(stage).observe(ms / 1000)
             self.tokens.labels("in").inc(answer.usage.prompt_tokens)
             self.tokens.labels("out").inc(answer.usage.completion_tokens)
+            if self.worker_turns is not None:
+                self.worker_turns.inc()
         elif isinstance(event, ErrorEvent):
             self.turns.labels("failed: " + event.code).inc()
+            if self.worker_turns is not None:
+                self.worker_turns.inc()
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        """The Prometheus text: this process's metrics, or the host's with several workers."""
+        if self._host is None:
+            return generate_latest(self.registry)
+        self._running_gauge.set(self._running())
+        return generate_latest(self._host)
+
+
+class _HostCollector:
+    """Our metrics of every worker on the host, from the multiprocess directory (``vllm:*`` left out)."""
+
+    def collect(self) -> Iterator[Metric]:
+        return (m for m in MultiProcessCollector(None).collect() if m.name.startswith("megrez_"))
 
 
 def _reason_kind(reason: str) -> str:

@@ -10,6 +10,11 @@ starts this engine needs its entry point under ``if __name__ == "__main__":``. T
 imports that ``__main__`` module again and then scans every loaded module; llvmlite (numba, which
 bm25s imports) breaks the scan, so the entry module must import the search backends lazily
 (``api/cli.py`` does, and a test keeps it so).
+
+Several API processes can share one engine core (``megrez-search serve --workers N``, ``api/workers.py``):
+the serving process starts the core with vLLM's multi-frontend machinery, and each frontend builds its
+engine as ``VLLMEngine(config, frontend=client_config)`` — an ``AsyncLLM`` connected to that core
+(:func:`connect_frontend`) instead of one starting its own. Both are built from :func:`engine_args`.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -41,7 +46,7 @@ from engine.config import EngineConfig
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
-    from vllm import SamplingParams
+    from vllm import AsyncEngineArgs, SamplingParams
     from vllm.outputs import CompletionOutput
     from vllm.v1.engine.async_llm import AsyncLLM
 
@@ -92,11 +97,78 @@ def check_weights(model: str, revision: str | None = None) -> None:
         raise WeightsMissing(model, why) from None
 
 
+def engine_args(config: EngineConfig) -> AsyncEngineArgs:
+    """vLLM's engine arguments for ``config``: what an engine core is started from and a frontend connects with.
+
+    Building them loads vLLM's general plugins (our Megrez-3B-Omni registration) in the calling process.
+    """
+    from vllm import AsyncEngineArgs
+
+    c = config
+    return AsyncEngineArgs(
+        model=c.model,
+        tokenizer=c.tokenizer,
+        revision=c.revision,
+        tokenizer_revision=c.revision,
+        dtype=c.dtype,
+        max_model_len=c.max_model_len,
+        gpu_memory_utilization=c.gpu_memory_utilization,
+        enable_prefix_caching=c.enable_prefix_caching,
+        load_format=c.load_format,
+        hf_overrides=dict(c.hf_overrides),
+        trust_remote_code=c.trust_remote_code,
+        enforce_eager=c.enforce_eager,
+        **({"limit_mm_per_prompt": c.limit_mm_per_prompt} if c.limit_mm_per_prompt else {}),
+    )
+
+
+def connect_frontend(args: AsyncEngineArgs, client_config: Mapping[str, Any]) -> AsyncLLM:
+    """An ``AsyncLLM`` that joins a running engine core as one of its frontends, as each API process of
+    ``vllm serve --api-server-count N`` does (``vllm/entrypoints/launchers/api_server/entry.py``); blocks
+    until the core is up.
+
+    :param args: the engine arguments the core was started from (:func:`engine_args`).
+    :param client_config: what vLLM's ``APIServerProcessManager`` hands each frontend process: the core's
+        ZMQ addresses and this frontend's listeners, ``client_count`` and ``client_index``.
+    """
+    from vllm.usage.usage_lib import UsageContext
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    addresses = dict(client_config)
+    count, index = addresses.pop("client_count"), addresses.pop("client_index")
+    # The shared array behind vLLM's own accept balancing on one shared socket; our workers listen on
+    # sockets of their own (api/workers.py), so it has no reader here.
+    addresses.pop("api_server_loads", None)
+    args._api_process_count, args._api_process_rank = count, index
+    return AsyncLLM.from_vllm_config(
+        args.create_engine_config(UsageContext.ENGINE_CONTEXT),
+        enable_log_requests=args.enable_log_requests,
+        disable_log_stats=args.disable_log_stats,
+        client_addresses=addresses,
+        client_count=count,
+        client_index=index,
+    )
+
+
 class VLLMEngine(Engine):
+    """vLLM's ``AsyncLLM`` behind our :class:`Engine` interface.
+
+    Example::
+
+        async with VLLMEngine(EngineConfig(model="/models/megrez")) as engine:
+            async for delta in engine.stream("Hello", Sampling(max_tokens=16), request_id="r1"):
+                print(delta.text, end="")
+
+    :param config: the engine settings.
+    :param frontend: a frontend's ``client_config`` from vLLM's ``APIServerProcessManager``: the engine
+        joins that running engine core (:func:`connect_frontend`) instead of starting one in this process.
+    """
+
     backend = "vllm"
 
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, *, frontend: Mapping[str, Any] | None = None) -> None:
         self.config = config
+        self._frontend = frontend
         self._llm: AsyncLLM | None = None
         self._stop_ids: tuple[int, ...] = ()
         self._stop_strings: tuple[str, ...] = ()
@@ -132,28 +204,17 @@ class VLLMEngine(Engine):
             return
         c = self.config
         await asyncio.to_thread(check_weights, c.model, c.revision)  # the cache lookup reads the disk
-        from vllm import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        args = AsyncEngineArgs(
-            model=c.model,
-            tokenizer=c.tokenizer,
-            revision=c.revision,
-            tokenizer_revision=c.revision,
-            dtype=c.dtype,
-            max_model_len=c.max_model_len,
-            gpu_memory_utilization=c.gpu_memory_utilization,
-            enable_prefix_caching=c.enable_prefix_caching,
-            load_format=c.load_format,
-            hf_overrides=dict(c.hf_overrides),
-            trust_remote_code=c.trust_remote_code,
-            enforce_eager=c.enforce_eager,
-            **({"limit_mm_per_prompt": c.limit_mm_per_prompt} if c.limit_mm_per_prompt else {}),
-        )
+        args = engine_args(c)
         # Starting the engine processes and loading weights takes ≈30 s on CPU (minutes for a big model on
-        # GPU) and blocks: it runs in a thread, so the caller's event loop keeps serving (/healthz) meanwhile.
-        # AsyncLLM binds to the running loop only on its first request, so building it off-loop is safe.
-        self._llm = await asyncio.to_thread(AsyncLLM.from_engine_args, args)
+        # GPU) and blocks — so does a frontend's wait for a shared core that is still loading: it runs in a
+        # thread, so the caller's event loop keeps serving (/healthz) meanwhile. AsyncLLM binds to the
+        # running loop only on its first request, so building it off-loop is safe.
+        if self._frontend is None:
+            self._llm = await asyncio.to_thread(AsyncLLM.from_engine_args, args)
+        else:
+            self._llm = await asyncio.to_thread(connect_frontend, args, self._frontend)
         self._stop_ids, self._stop_strings = stop_markers(self._llm.get_tokenizer())
         log.info("vLLM engine ready: %s (stop ids %s, stop strings %s)", c.model, self._stop_ids, self._stop_strings)
 

@@ -14,7 +14,12 @@ which the soak benchmark kills to make a backend fail) and one of two models:
 ::
 
     python -m scripts.scripted_service --port 8100 --redis-url redis://127.0.0.1:6390/0 --tokenizer DIR \\
-        --corpus corpus.jsonl [--answer TEXT] [--delay-s 0.01] [--lease-s 2] [--store-retry-s 5]
+        --corpus corpus.jsonl [--answer TEXT] [--delay-s 0.01] [--lease-s 2] [--store-retry-s 5] [--workers 2]
+
+``--workers N`` serves the port with N processes as ``megrez-search serve --workers N`` does
+(``api/workers.py``), each building its own app: its own scripted engine or OpenAI engine, Redis pools
+and retriever. A worker that dies stops them all; so does SIGTERM to this process, and workers whose
+parent was SIGKILLed stop by themselves (gracefully: their turns end as stopped, not by lease).
 
 :func:`service_process` builds the :class:`scripts.net.ChildServer` that starts it.
 """
@@ -23,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from functools import partial
 from pathlib import Path
 
 from scripts.net import ChildServer
@@ -79,6 +85,13 @@ def build_app(args: argparse.Namespace):
     return create_app(settings, engine=engine, retriever=retriever, memory=memory)
 
 
+def server_config(args: argparse.Namespace):
+    """One worker's server: its own app (:func:`build_app`) under uvicorn (called in each worker)."""
+    import uvicorn
+
+    return uvicorn.Config(build_app(args), host="127.0.0.1", port=args.port, log_level="warning", backlog=4096)
+
+
 class _Discard(list):
     def append(self, item) -> None:
         pass
@@ -100,12 +113,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--concurrent-turns", type=int, default=1000)
     parser.add_argument("--answer-tokens", type=int, default=3000)
     parser.add_argument("--related", action="store_true", help="generate follow-up questions")
+    parser.add_argument("--workers", type=int, default=1, help="processes serving the port, each with its own app")
     args = parser.parse_args(argv)
     if not (args.tokenizer or args.engine_url):
         parser.error("give --tokenizer (scripted engine here) or --engine-url (a model server)")
-    import uvicorn
+    if args.workers < 1:
+        parser.error("--workers must be 1 or more")
+    from api.workers import ServeFailed, serve_workers
 
-    uvicorn.run(build_app(args), host="127.0.0.1", port=args.port, log_level="warning", backlog=4096)
+    try:
+        serve_workers(partial(server_config, args), host="127.0.0.1", port=args.port, workers=args.workers)
+    except ServeFailed as exc:
+        sys.exit(f"scripted_service: {exc}")
 
 
 if __name__ == "__main__":
