@@ -33,7 +33,7 @@ class ApiConfig(BaseModel):
         default=1,
         ge=1,
         description="API processes serving the port (`serve --workers`); more than 1 needs MEGREZ_REDIS_URL. "
-        "On a GPU host, one per 2–4 cores (README, Self-hosting).",
+        "On a GPU host, one per 2 cores (README, Self-hosting).",
     )
     trusted_proxies: list[str] = Field(
         default=[],
