@@ -36,9 +36,9 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from agent.events import AnswerEvent, ErrorEvent, Event, SourcesEvent
+from api.workers import METRICS_DIR
 
 _STAGE_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64)
-MULTIPROCESS_DIR = "PROMETHEUS_MULTIPROC_DIR"  # prometheus_client's switch to multiprocess mode
 RUNNING_REFRESH_S = 1.0
 
 
@@ -58,7 +58,7 @@ class Metrics:
         r = self.registry
         # prometheus_client read the variable when it was imported; the workers inherit it from the parent.
         self._host: CollectorRegistry | None = None
-        if MULTIPROCESS_DIR in os.environ:
+        if METRICS_DIR in os.environ:
             self._host = CollectorRegistry()
             self._host.register(_HostCollector())
         self.requests = Counter("megrez_requests", "HTTP requests", ["route", "method", "status"], registry=r)

@@ -213,7 +213,7 @@ class TurnRunner:
         is free. Give it back with :meth:`release_slot`."""
         slot = slot or new_id()
         if not await self.memory.acquire_slot(owner, slot, self.concurrent_turns):
-            raise TooManyTurns(f"{self.concurrent_turns} turns are already running for this caller; wait for one")
+            raise TooManyTurns.at(self.concurrent_turns)
         self._slots[slot] = owner
         return slot
 

@@ -69,7 +69,7 @@ if TYPE_CHECKING:
 
 ServerFactory = Callable[[], "uvicorn.Config"]
 STOP_TIMEOUT_S = 10.0  # a worker's graceful stop (its streams end, its turns are stored) before SIGKILL
-METRICS_DIR = "PROMETHEUS_MULTIPROC_DIR"
+METRICS_DIR = "PROMETHEUS_MULTIPROC_DIR"  # prometheus_client's switch to multiprocess mode (api/metrics.py)
 
 
 class ServeFailed(RuntimeError):
