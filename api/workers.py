@@ -204,7 +204,10 @@ def _run_engine_core(settings: Settings, sockets: list[socket.socket], frontend_
                 api_server_manager=frontends, engine_manager=launch.engine_manager, coordinator=coordinator
             )
         except RuntimeError as exc:  # a frontend or the engine core died
-            dead = [process for process in frontends.processes if not process.is_alive()]
+            # By sentinel, not is_alive(): a process's pipe closes a moment before it can be reaped, and vLLM
+            # reports it in that moment ("exit code None") while is_alive() still says it runs.
+            ended = set(wait([process.sentinel for process in frontends.processes], timeout=0))
+            dead = [process for process in frontends.processes if process.sentinel in ended]
             raise ServeFailed(f"{_died(dead[0]) if dead else exc}; the other processes were stopped") from None
     finally:
         if frontends is not None:
