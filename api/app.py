@@ -92,7 +92,11 @@ def create_app(
         the_engine = engine or build_engine(settings.engine)
         agent = Agent(the_engine, the_retriever, config=settings.agent)
         runner = TurnRunner(
-            agent, the_memory, concurrent_turns=settings.rate.concurrent_turns, store_retry_s=settings.api.store_retry_s
+            agent,
+            the_memory,
+            concurrent_turns=settings.rate.concurrent_turns,
+            store_retry_s=settings.api.store_retry_s,
+            event_write_s=settings.api.event_write_ms / 1000,
         )
         access = Access(settings.auth, settings.rate, redis_url=settings.redis_url)
         services = Services(settings, the_engine, the_retriever, the_memory, runner, access)

@@ -23,6 +23,14 @@ class ApiConfig(BaseModel):
         ge=0,
         description="How long a turn keeps retrying its writes while the conversation store (Redis) is down.",
     )
+    event_write_ms: float = Field(
+        default=100.0,
+        ge=0,
+        le=5000,
+        description="How long a turn's events wait to be written to the store together (one round trip each "
+        "interval); followers on the turn's own API process see them at once, those on other processes or "
+        "replicas up to this much later. 0: each batch as soon as the write before it is back.",
+    )
     header_timeout_s: float = Field(
         default=10.0, gt=0, description="Longest wait for a request's head (line and headers); 408 and close after."
     )

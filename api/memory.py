@@ -6,16 +6,17 @@ the scripts), else
 :class:`LocalMemory` (one process; nothing survives a restart).
 
 **Streams.** A message's events form a stream whose ids a client sends back as ``Last-Event-ID``.
-The turn's writer numbers the events itself (:class:`EventIds`, ``<ms>-<seq>`` as Redis writes them)
-before it hands a batch to ``append_events``: a batch retried after a lost reply carries the same ids,
-so Redis refuses the copy instead of storing the events twice. The stream's last event is always
+The turn's writer numbers the events itself (:class:`EventIds`, ``<ms>-<seq>`` as Redis writes them),
+shows each to this process's followers at once (``show``) and stores them in batches (``append_events``):
+a batch retried after a lost reply carries the same ids, so Redis refuses the copy instead of storing
+the events twice. The stream's last event is always
 ``done`` (``{"type": "done", "status": …}``), written by ``finish_message`` in the same step as the
 turn record, the message's status and the release of the conversation's lock.
 
 **A turn's store work** is three kinds of step: ``start_message`` (the owner's turn slot, the conversation
 when it is new, the message: refused as a whole — :class:`TooManyTurns`, :class:`ConversationBusy`,
-:class:`ConversationGone` — with nothing kept), ``append_events`` per batch, ``finish_message`` (which
-frees the slot too). Redis makes each one round trip (``api/redis_memory.py``).
+:class:`ConversationGone` — with nothing kept), ``append_events`` per batch, ``finish_message`` (with the
+last batch; it frees the slot too). Redis makes each one round trip (``api/redis_memory.py``).
 
 **Leases.** A running message holds a lease that the runner renews (``renew``, every few seconds);
 the conversation's lock and the owner's turn slot expire with it. A turn whose process died stops
@@ -25,8 +26,11 @@ new question on another replica, the periodic sweep (``reap_expired``) — store
 conversation (``reap``). In one process (:class:`LocalMemory`) nothing can die alone, so it never reaps.
 
 Followers in the process that runs the turn read a :class:`LiveStream` (the events in memory, with
-their ids): no store round trip per event per follower. Both stores keep one for every message they
-started; Redis also has the stream for followers on other replicas and for resumes later.
+their ids): no store round trip per event per follower, and each event as soon as it is made, before it
+is stored. Both stores keep one for every message they started; Redis also has the stream for followers
+on other replicas (up to one write interval behind) and for resumes later. The ids being the writer's,
+a client that saw an event not stored yet and resumes elsewhere gets what follows it once that is
+stored; if the process died first, what follows is the reaper's ``error`` and ``done`` (later ids).
 """
 
 from __future__ import annotations
@@ -213,10 +217,20 @@ class Memory(Protocol):
         ...
 
     async def message_status(self, mid: str) -> tuple[str, MessageStatus] | None: ...
-    async def append_events(self, mid: str, events: Sequence[StoredEvent]) -> None: ...
-    async def finish_message(self, mid: str, turn: StoredTurn | None, done: StoredEvent) -> bool:
-        """End ``mid``: ``turn`` into its conversation (if it still exists), ``done`` on its stream, its status, its
-        conversation's lock and its turn slot; ``False`` if it had already ended (reaped, deleted)."""
+    def show(self, mid: str, events: Sequence[StoredEvent]) -> None:
+        """Hand numbered events of ``mid`` to this process's followers now, before they are stored."""
+        ...
+
+    async def append_events(self, mid: str, events: Sequence[StoredEvent]) -> None:
+        """Store events already shown (``show``) on ``mid``'s stream, for other replicas and later resumes."""
+        ...
+
+    async def finish_message(
+        self, mid: str, turn: StoredTurn | None, done: StoredEvent, last: Sequence[StoredEvent] = ()
+    ) -> bool:
+        """End ``mid``: its ``last`` events not stored yet and ``done`` on its stream, ``turn`` into its conversation
+        (if it still exists), its status, its conversation's lock and its turn slot, in one step; ``False`` if it had
+        already ended (reaped, deleted)."""
         ...
 
     def end_here(self, mid: str, events: Sequence[StoredEvent]) -> None: ...
@@ -377,12 +391,17 @@ class LocalMemory:
         message = self._messages.get(mid)
         return None if message is None else (message.conversation_id, message.status)
 
-    async def append_events(self, mid: str, events: Sequence[StoredEvent]) -> None:
+    def show(self, mid: str, events: Sequence[StoredEvent]) -> None:
         message = self._messages.get(mid)
         if message is not None and message.status == "running":
             message.add(events)
 
-    async def finish_message(self, mid: str, turn: StoredTurn | None, done: StoredEvent) -> bool:
+    async def append_events(self, mid: str, events: Sequence[StoredEvent]) -> None:
+        return None  # in one process the stream shown is the stream stored
+
+    async def finish_message(
+        self, mid: str, turn: StoredTurn | None, done: StoredEvent, last: Sequence[StoredEvent] = ()
+    ) -> bool:
         message = self._messages.get(mid)
         if message is None or message.status != "running":
             return False  # deleted with its conversation

@@ -255,18 +255,26 @@ class RedisMemory:
         found = await self._find(mid)
         return (found[0], found[1]["status"]) if found is not None else None  # type: ignore[return-value]
 
-    async def append_events(self, mid: str, events: Sequence[StoredEvent]) -> None:
+    def show(self, mid: str, events: Sequence[StoredEvent]) -> None:
         here = self._live.get(mid)
-        cid = here.start.conversation_id if here is not None else (await self._find(mid) or ("",))[0]
-        args: list[Any] = [self.stream_ttl_s]
-        for event in events:
-            args += [event.id, event.type, event.data]
-        if cid:
-            await self._script("append", [schema.message(cid, mid), schema.events(cid, mid)], args)
         if here is not None:
             here.stream.add(events)
 
-    async def finish_message(self, mid: str, turn: StoredTurn | None, done: StoredEvent) -> bool:
+    async def append_events(self, mid: str, events: Sequence[StoredEvent]) -> None:
+        here = self._live.get(mid)
+        cid = here.start.conversation_id if here is not None else (await self._find(mid) or ("",))[0]
+        if cid:
+            await self._script("append", [schema.message(cid, mid), schema.events(cid, mid)], self._append_args(events))
+
+    def _append_args(self, events: Sequence[StoredEvent]) -> list[Any]:
+        args: list[Any] = [self.stream_ttl_s]
+        for event in events:
+            args += [event.id, event.type, event.data]
+        return args
+
+    async def finish_message(
+        self, mid: str, turn: StoredTurn | None, done: StoredEvent, last: Sequence[StoredEvent] = ()
+    ) -> bool:
         here = self._live.get(mid)
         if here is not None:
             cid, owner = here.start.conversation_id, here.start.owner
@@ -278,6 +286,8 @@ class RedisMemory:
         turn_json = turn.model_dump_json() if turn is not None else ""
 
         def build(pipe) -> None:
+            if last:  # first: the append refuses once the message is no longer running
+                schema.queue(pipe, "append", [schema.message(cid, mid), schema.events(cid, mid)], self._append_args(last))
             keys = [*schema.conversation_keys(cid), schema.message(cid, mid), schema.events(cid, mid)]
             args = [mid, done.id, done.data, status, turn_json, self.conversation_ttl_s, self.stream_ttl_s]
             schema.queue(pipe, "finish", keys, args)
@@ -286,7 +296,7 @@ class RedisMemory:
             pipe.zrem(schema.LEASES, schema.lease_member(cid, mid))
             pipe.expire(schema.message_index(mid), self.stream_ttl_s)
 
-        finished = bool((await self._pipeline(build))[0])
+        finished = bool((await self._pipeline(build))[1 if last else 0])
         self.end_here(mid, [done])
         return finished
 

@@ -12,8 +12,9 @@ stored with the partial answer, its sources and queries). The end — the turn i
 ``done`` on the stream, the status, the conversation's lock — is one store step
 (``finish_message``), run shielded from cancellation. When the store fails mid-turn (Redis killed and
 restarted), the runner keeps every event, retries with backoff for ``store_retry_s`` and then writes
-what piled up; if the store stays away longer, the stream is ended in this process with an error
-saying the answer could not be saved (followers here see it; the turn is lost with the store).
+what piled up (followers here see the answer go on meanwhile); if the store stays away longer, the
+stream is ended in this process with an error saying the answer could not be saved (followers here see
+it; the turn is lost with the store).
 
 **Leases.** While a turn runs, this process renews its lease (and the conversation lock and turn
 slots that live as long) every third of ``lease_s`` (:meth:`TurnRunner.maintain`), and sweeps the
@@ -24,9 +25,12 @@ here and released by :meth:`TurnRunner.release_slot`, which never awaits: the st
 task of the runner, so a request cancelled by its client's departure cannot skip it; a release that
 fails expires with the lease, which nobody renews any more.
 
-Writes are batched (:class:`_EventWriter`): the turn never waits for the store; while one write is in
-flight the next events pile up and go in the next one, and adjacent ``token`` events in a batch are
-merged into one (same text, fewer events) — like vLLM's own output collector.
+Writes are batched (:class:`_EventWriter`): the turn never waits for the store, and neither do the
+followers in this process, who get each event as it is made (``Memory.show``). The store gets a turn's
+events together, ``event_write_s`` (``MEGREZ_API__EVENT_WRITE_MS``) after the first of them or when the
+write before is back, and the last ones with the turn's end: a few round trips per turn instead of one
+per piece (per piece, a round trip cost three times what the floor spends on a piece, ``bench/README.md``).
+Followers on other replicas read the store, so they run up to that interval behind.
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ from typing import Any, TypeVar
 
 from agent import Agent
 from agent.config import SearchMode
-from agent.events import ErrorEvent, Event, MediaRef, Note, TokenEvent, TurnRecord
+from agent.events import ErrorEvent, Event, MediaRef, Note, TurnRecord
 from agent.state import MediaItem
 from agent.turn import INTERNAL_ERROR
 from api.logs import MESSAGE_ID
@@ -108,53 +112,67 @@ class StoreRetry:
 
 
 class _EventWriter:
-    """Appends a turn's events to its stream in batches, never making the turn wait for the store."""
+    """Numbers a turn's events, shows each to this process's followers at once, and stores them in batches
+    (never making the turn wait for the store).
 
-    def __init__(self, memory: Memory, mid: str, retry: StoreRetry) -> None:
-        self.memory, self.mid, self.retry = memory, mid, retry
+    A batch goes to the store ``delay_s`` after its first event, or when the write before it is back,
+    whichever is later; the end takes what is left into the turn's last step (:meth:`close`).
+
+    Example::
+
+        writer = _EventWriter(memory, mid, StoreRetry(30.0), delay_s=0.1)
+        writer.put(TokenEvent(text="Hi"))  # followers here see it now; the store within 0.1 s
+        last = await writer.close()  # what is not stored yet: for finish_message
+    """
+
+    def __init__(self, memory: Memory, mid: str, retry: StoreRetry, delay_s: float) -> None:
+        self.memory, self.mid, self.retry, self.delay_s = memory, mid, retry, delay_s
         self.ids = EventIds()
-        self._pending: list[Event] = []
+        self._pending: list[StoredEvent] = []  # shown, not stored yet
+        self._timer: asyncio.TimerHandle | None = None
         self._task: asyncio.Task | None = None
-        self.unwritten: list[StoredEvent] = []  # numbered, but the store could not take them
         self.error: StoreUnavailable | None = None  # set once the store stayed away past the retry window
 
-    def put(self, event: Event) -> None:
-        self._pending.append(event)
-        if self._task is None:
-            self._task = asyncio.create_task(self._drain())
+    def stored(self, event: Event) -> StoredEvent:
+        return StoredEvent(self.ids.next(), event.type, event.model_dump_json())
 
-    def number(self, events: list[Event]) -> list[StoredEvent]:
-        return [StoredEvent(self.ids.next(), e.type, e.model_dump_json()) for e in events]
+    def put(self, event: Event) -> None:
+        stored = self.stored(event)
+        self.memory.show(self.mid, (stored,))
+        if self.error is not None:  # given up on the store: shown here only
+            return
+        self._pending.append(stored)
+        if self._timer is None and self._task is None:
+            self._timer = asyncio.get_running_loop().call_later(self.delay_s, self._write)
+
+    def _write(self) -> None:
+        self._timer = None
+        self._task = asyncio.get_running_loop().create_task(self._drain())
 
     async def _drain(self) -> None:
+        batch, self._pending = self._pending, []
         try:
-            while self._pending:
-                batch, self._pending = self.number(_merge_tokens(self._pending)), []
-                if self.error is not None:  # given up: keep them for the end of the stream in this process
-                    self.unwritten += batch
-                    continue
-                try:
-                    await self.retry(lambda b=batch: self.memory.append_events(self.mid, b), f"turn {self.mid}")
-                except StoreUnavailable as exc:
-                    self.error = exc
-                    self.unwritten += batch
+            await self.retry(lambda: self.memory.append_events(self.mid, batch), f"turn {self.mid}")
+        except StoreUnavailable as exc:
+            self.error = exc
+            self._pending.clear()
         finally:
             self._task = None
+            if self._pending and self.error is None and self._timer is None:
+                self._timer = asyncio.get_running_loop().call_later(self.delay_s, self._write)
 
-    async def flush(self) -> None:
-        """Wait until everything put so far is written (or given up on)."""
+    async def close(self) -> list[StoredEvent]:
+        """Wait for the write in flight (and its retries); the events not stored yet, which the caller stores."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         while self._task is not None:
             await asyncio.shield(self._task)
-
-
-def _merge_tokens(events: list[Event]) -> list[Event]:
-    out: list[Event] = []
-    for event in events:
-        if isinstance(event, TokenEvent) and out and isinstance(out[-1], TokenEvent):
-            out[-1] = TokenEvent(text=out[-1].text + event.text)
-        else:
-            out.append(event)
-    return out
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+        last, self._pending = self._pending, []
+        return last
 
 
 @dataclass
@@ -184,15 +202,18 @@ class TurnRunner:
         *,
         concurrent_turns: int = 8,
         store_retry_s: float = 30.0,
+        event_write_s: float = 0.1,
         metrics: Metrics | None = None,
     ) -> None:
         """``concurrent_turns``: slots per owner, across replicas (the store counts); ``store_retry_s``: how
-        long a turn's writes wait for a store that is down. Leases are the store's (``memory.lease_s``)."""
+        long a turn's writes wait for a store that is down; ``event_write_s``: how long a turn's events wait
+        to be stored together (followers here see them at once). Leases are the store's (``memory.lease_s``)."""
         self.agent = agent
         self.memory = memory
         self.concurrent_turns = concurrent_turns
         self.lease_s = memory.lease_s
         self.retry = StoreRetry(store_retry_s)
+        self.event_write_s = event_write_s
         self._running: dict[str, _Running] = {}  # message id → turn
         self._slots: dict[str, str] = {}  # slot id → owner, every slot this process holds
         self._background: set[asyncio.Task] = set()
@@ -266,7 +287,7 @@ class TurnRunner:
 
     async def _run(self, mid: str, turn, running: _Running) -> None:
         MESSAGE_ID.set(mid)  # this task's logs (and its children's) carry the message id
-        writer = _EventWriter(self.memory, mid, self.retry)
+        writer = _EventWriter(self.memory, mid, self.retry, self.event_write_s)
 
         def emit(event: Event) -> None:
             running.events.append(event)
@@ -312,10 +333,10 @@ class TurnRunner:
 
     async def _end(self, mid: str, running: _Running, writer: _EventWriter, stored: StoredTurn) -> None:
         try:
-            await writer.flush()
+            last = await writer.close()
             done = StoredEvent(writer.ids.next(), DONE, done_data(stored.status))
             if writer.error is None:
-                await self.retry(lambda: self.memory.finish_message(mid, stored, done), f"storing turn {mid}")
+                await self.retry(lambda: self.memory.finish_message(mid, stored, done, last), f"storing turn {mid}")
                 self._slots.pop(mid, None)  # finish_message freed it
                 return
             log.error("turn %s could not be stored: %s", mid, writer.error)
@@ -327,10 +348,10 @@ class TurnRunner:
             self._running.pop(mid, None)
             self.release_slot(mid)
             running.ended.set()
-        # The store stayed away: end the stream for this process's followers, saying so.
-        error = writer.number([UNSAVED])
+        # The store stayed away: end the stream for this process's followers (who saw every event), saying so.
+        error = writer.stored(UNSAVED)
         done = StoredEvent(writer.ids.next(), DONE, done_data("failed"))
-        self.memory.end_here(mid, [*writer.unwritten, *error, done])
+        self.memory.end_here(mid, [error, done])
 
     async def stop(self, mid: str) -> bool:
         """Stop a running turn of this process and wait until it is stored; ``False`` if it is not running here."""

@@ -65,6 +65,7 @@ class Writer:
 
     async def events(self, *pairs: tuple[str, str]) -> list[str]:
         stored = [StoredEvent(self.ids.next(), t, d) for t, d in pairs]
+        self.memory.show(self.mid, stored)
         await self.memory.append_events(self.mid, stored)
         return [e.id for e in stored]
 

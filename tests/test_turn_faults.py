@@ -242,7 +242,11 @@ async def test_a_replica_killed_mid_turn_is_failed_and_frees_the_conversation(
             assert json.loads(tail[-1]["data"])["status"] == "failed"
             [turn] = (await b.get(f"/conversations/{meta['conversation_id']}")).json()["turns"]
             assert turn["status"] == "failed" and turn["answer"]["sources"] and turn["answer"]["queries"]
-            assert turn["answer"]["answer"].startswith(text_of(frames))
+            shown, kept = text_of(frames), turn["answer"]["answer"]
+            if kept.startswith(shown):  # the store had more than this client read: the resume sent the rest
+                assert kept == shown + text_of(tail)
+            else:  # the client saw the dead replica's last interval (MEGREZ_API__EVENT_WRITE_MS), never stored
+                assert shown.startswith(kept) and text_of(tail) == ""
             stop = await b.post(f"/chat/{meta['message_id']}/stop")
             assert stop.status_code == 200 and stop.json()["status"] == "failed"  # not a 504
             follow_up = await b.post(
@@ -328,3 +332,54 @@ async def test_clients_that_leave_early_release_every_slot(tokenizer_dir, corpus
 
 async def _no_slots(store) -> bool:
     return await store.zcard(SLOTS) == 0
+
+
+class CountingMemory(RedisMemory):
+    """Redis memory that records each batch the turn's writer stores (its size)."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(url)
+        self.batches: list[int] = []
+
+    async def append_events(self, mid, events) -> None:
+        self.batches.append(len(events))
+        await super().append_events(mid, events)
+
+
+async def stored_stream(redis_url: str, meta: dict) -> list[tuple[str, str, str]]:
+    store = redis.from_url(redis_url, decode_responses=True)
+    entries = await store.xrange(schema.events(meta["conversation_id"], meta["message_id"]))
+    await store.aclose()
+    return [(i, f["type"], f["data"]) for i, f in entries]
+
+
+def shown_stream(frames: list[dict]) -> list[tuple[str, str, str]]:
+    return [(f["id"], f["event"], f["data"]) for f in frames if f.get("id") and f["id"] != "0-0"]  # 0-0: meta
+
+
+async def test_followers_here_see_events_before_the_store_which_gets_them_with_the_turns_end(
+    tokenizer_dir, corpus_backend, redis_url
+):
+    memory = CountingMemory(redis_url)
+    app, _ = app_with(
+        tokenizer_dir, corpus_backend, memory, SLOW, delay_s=0.01, settings=settings(event_write_ms=5000)
+    )
+    async with client_for(app) as client:
+        frames, rest = await open_stream(client, tokens(3), url="/chat?websearch=off")
+        meta = meta_of(frames)
+        assert [t for _, t, _ in await stored_stream(redis_url, meta)] == []  # shown, not stored yet
+        frames = await asyncio.wait_for(rest, 30)
+        assert frames[-1]["event"] == "done" and memory.batches == []  # all of it went with the turn's end
+        assert await stored_stream(redis_url, meta) == shown_stream(frames)
+
+
+async def test_a_turns_events_are_stored_in_a_few_batches_each_once_in_order(tokenizer_dir, corpus_backend, redis_url):
+    memory = CountingMemory(redis_url)
+    app, _ = app_with(tokenizer_dir, corpus_backend, memory, SLOW, delay_s=0.01, settings=settings(event_write_ms=100))
+    async with client_for(app) as client:
+        frames, rest = await open_stream(client, tokens(1), url="/chat?websearch=off")
+        frames = await asyncio.wait_for(rest, 30)
+        stored = await stored_stream(redis_url, meta_of(frames))
+        assert stored == shown_stream(frames) and len(stored) > 100
+        # ≈1.4 s of tokens every 10 ms, written every 100 ms: about 14 batches, not one per event
+        assert 5 <= len(memory.batches) <= 30 and sum(memory.batches) < len(stored)
