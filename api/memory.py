@@ -7,7 +7,8 @@ the scripts), else
 
 **Streams.** A message's events form a stream whose ids a client sends back as ``Last-Event-ID``.
 The turn's writer numbers the events itself (:class:`EventIds`, ``<ms>-<seq>`` as Redis writes them),
-shows each to this process's followers at once (``show``) and stores them in batches (``append_events``):
+shows each to this process's followers at once (``show``) and stores them in batches (``append_events``,
+``api/event_writes.py``):
 a batch retried after a lost reply carries the same ids, so Redis refuses the copy instead of storing
 the events twice. The stream's last event is always
 ``done`` (``{"type": "done", "status": …}``), written by ``finish_message`` in the same step as the
@@ -42,7 +43,7 @@ import json
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
@@ -221,8 +222,9 @@ class Memory(Protocol):
         """Hand numbered events of ``mid`` to this process's followers now, before they are stored."""
         ...
 
-    async def append_events(self, mid: str, events: Sequence[StoredEvent]) -> None:
-        """Store events already shown (``show``) on ``mid``'s stream, for other replicas and later resumes."""
+    async def append_events(self, batches: Mapping[str, Sequence[StoredEvent]]) -> None:
+        """Store events already shown (``show``), message id → its events, in one step: for followers on other
+        replicas and later resumes. A message that is no longer running takes none."""
         ...
 
     async def finish_message(
@@ -396,7 +398,7 @@ class LocalMemory:
         if message is not None and message.status == "running":
             message.add(events)
 
-    async def append_events(self, mid: str, events: Sequence[StoredEvent]) -> None:
+    async def append_events(self, batches: Mapping[str, Sequence[StoredEvent]]) -> None:
         return None  # in one process the stream shown is the stream stored
 
     async def finish_message(

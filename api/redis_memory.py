@@ -29,7 +29,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -260,11 +260,20 @@ class RedisMemory:
         if here is not None:
             here.stream.add(events)
 
-    async def append_events(self, mid: str, events: Sequence[StoredEvent]) -> None:
-        here = self._live.get(mid)
-        cid = here.start.conversation_id if here is not None else (await self._find(mid) or ("",))[0]
-        if cid:
-            await self._script("append", [schema.message(cid, mid), schema.events(cid, mid)], self._append_args(events))
+    async def append_events(self, batches: Mapping[str, Sequence[StoredEvent]]) -> None:
+        cids = {}
+        for mid in batches:
+            here = self._live.get(mid)
+            cids[mid] = here.start.conversation_id if here is not None else (await self._find(mid) or ("",))[0]
+
+        def build(pipe) -> None:
+            for mid, cid in cids.items():
+                if cid and batches[mid]:
+                    keys = [schema.message(cid, mid), schema.events(cid, mid)]
+                    schema.queue(pipe, "append", keys, self._append_args(batches[mid]))
+
+        if any(cids.values()):
+            await self._pipeline(build)
 
     def _append_args(self, events: Sequence[StoredEvent]) -> list[Any]:
         args: list[Any] = [self.stream_ttl_s]

@@ -25,27 +25,25 @@ here and released by :meth:`TurnRunner.release_slot`, which never awaits: the st
 task of the runner, so a request cancelled by its client's departure cannot skip it; a release that
 fails expires with the lease, which nobody renews any more.
 
-Writes are batched (:class:`_EventWriter`): the turn never waits for the store, and neither do the
-followers in this process, who get each event as it is made (``Memory.show``). The store gets a turn's
-events together, ``event_write_s`` (``MEGREZ_API__EVENT_WRITE_MS``) after the first of them or when the
-write before is back, and the last ones with the turn's end: a few round trips per turn instead of one
-per piece (per piece, a round trip cost three times what the floor spends on a piece, ``bench/README.md``).
-Followers on other replicas read the store, so they run up to that interval behind.
+**Writes** (``api/event_writes.py``): the turn never waits for the store, and neither do the followers
+in this process, who get each event as it is made; the store gets every running turn's events together
+once per ``event_write_s`` (``MEGREZ_API__EVENT_WRITE_MS``), and a turn's last events with its end.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any
 
 from agent import Agent
 from agent.config import SearchMode
 from agent.events import ErrorEvent, Event, MediaRef, Note, TurnRecord
 from agent.state import MediaItem
 from agent.turn import INTERNAL_ERROR
+from api.event_writes import StoreRetry, StoreWriter, TurnWriter
 from api.logs import MESSAGE_ID
 from api.memory import (
     ANONYMOUS,
@@ -53,7 +51,6 @@ from api.memory import (
     Conversation,
     ConversationBusy,
     ConversationGone,
-    EventIds,
     Memory,
     MessageStart,
     MessageStatus,
@@ -68,7 +65,6 @@ from api.metrics import Metrics
 from api.records import partial_record
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 STOP_POLL_S = 0.1
 UNSAVED = ErrorEvent(
@@ -80,99 +76,6 @@ UNFOLLOWED = ErrorEvent(
     message="Lost the conversation store while following this answer; it may still be running — reload to see it.",
 )
 VANISHED = ErrorEvent(code="interrupted", message="This answer is no longer available (deleted or expired).")
-
-
-class StoreRetry:
-    """Retries a store operation while :class:`StoreUnavailable`, with backoff, for at most ``seconds``.
-
-    Example::
-
-        retry = StoreRetry(30)
-        await retry(lambda: memory.finish_message(mid, turn, done), "storing turn m1")
-    """
-
-    def __init__(self, seconds: float) -> None:
-        self.seconds = seconds
-
-    async def __call__(self, operation: Callable[[], Awaitable[T]], what: str) -> T:
-        loop = asyncio.get_running_loop()
-        deadline, delay = None, 0.05
-        while True:
-            try:
-                return await operation()
-            except StoreUnavailable as exc:
-                now = loop.time()
-                if deadline is None:
-                    deadline = now + self.seconds
-                    log.warning("%s: %s; retrying for up to %g s", what, exc, self.seconds)
-                if now + delay > deadline:
-                    raise
-                await asyncio.sleep(delay)
-                delay = min(2 * delay, 1.0)
-
-
-class _EventWriter:
-    """Numbers a turn's events, shows each to this process's followers at once, and stores them in batches
-    (never making the turn wait for the store).
-
-    A batch goes to the store ``delay_s`` after its first event, or when the write before it is back,
-    whichever is later; the end takes what is left into the turn's last step (:meth:`close`).
-
-    Example::
-
-        writer = _EventWriter(memory, mid, StoreRetry(30.0), delay_s=0.1)
-        writer.put(TokenEvent(text="Hi"))  # followers here see it now; the store within 0.1 s
-        last = await writer.close()  # what is not stored yet: for finish_message
-    """
-
-    def __init__(self, memory: Memory, mid: str, retry: StoreRetry, delay_s: float) -> None:
-        self.memory, self.mid, self.retry, self.delay_s = memory, mid, retry, delay_s
-        self.ids = EventIds()
-        self._pending: list[StoredEvent] = []  # shown, not stored yet
-        self._timer: asyncio.TimerHandle | None = None
-        self._task: asyncio.Task | None = None
-        self.error: StoreUnavailable | None = None  # set once the store stayed away past the retry window
-
-    def stored(self, event: Event) -> StoredEvent:
-        return StoredEvent(self.ids.next(), event.type, event.model_dump_json())
-
-    def put(self, event: Event) -> None:
-        stored = self.stored(event)
-        self.memory.show(self.mid, (stored,))
-        if self.error is not None:  # given up on the store: shown here only
-            return
-        self._pending.append(stored)
-        if self._timer is None and self._task is None:
-            self._timer = asyncio.get_running_loop().call_later(self.delay_s, self._write)
-
-    def _write(self) -> None:
-        self._timer = None
-        self._task = asyncio.get_running_loop().create_task(self._drain())
-
-    async def _drain(self) -> None:
-        batch, self._pending = self._pending, []
-        try:
-            await self.retry(lambda: self.memory.append_events(self.mid, batch), f"turn {self.mid}")
-        except StoreUnavailable as exc:
-            self.error = exc
-            self._pending.clear()
-        finally:
-            self._task = None
-            if self._pending and self.error is None and self._timer is None:
-                self._timer = asyncio.get_running_loop().call_later(self.delay_s, self._write)
-
-    async def close(self) -> list[StoredEvent]:
-        """Wait for the write in flight (and its retries); the events not stored yet, which the caller stores."""
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        while self._task is not None:
-            await asyncio.shield(self._task)
-            if self._timer is not None:
-                self._timer.cancel()
-                self._timer = None
-        last, self._pending = self._pending, []
-        return last
 
 
 @dataclass
@@ -213,7 +116,7 @@ class TurnRunner:
         self.concurrent_turns = concurrent_turns
         self.lease_s = memory.lease_s
         self.retry = StoreRetry(store_retry_s)
-        self.event_write_s = event_write_s
+        self.writes = StoreWriter(memory, self.retry, event_write_s)
         self._running: dict[str, _Running] = {}  # message id → turn
         self._slots: dict[str, str] = {}  # slot id → owner, every slot this process holds
         self._background: set[asyncio.Task] = set()
@@ -287,7 +190,7 @@ class TurnRunner:
 
     async def _run(self, mid: str, turn, running: _Running) -> None:
         MESSAGE_ID.set(mid)  # this task's logs (and its children's) carry the message id
-        writer = _EventWriter(self.memory, mid, self.retry, self.event_write_s)
+        writer = self.writes.turn(mid)
 
         def emit(event: Event) -> None:
             running.events.append(event)
@@ -331,7 +234,7 @@ class TurnRunner:
         record = partial_record(running.start, running.events, note=note, mode=running.mode)
         return StoredTurn(message_id=mid, record=record, status=status, error=error)
 
-    async def _end(self, mid: str, running: _Running, writer: _EventWriter, stored: StoredTurn) -> None:
+    async def _end(self, mid: str, running: _Running, writer: TurnWriter, stored: StoredTurn) -> None:
         try:
             last = await writer.close()
             done = StoredEvent(writer.ids.next(), DONE, done_data(stored.status))

@@ -14,7 +14,7 @@ which the soak benchmark kills to make a backend fail) and one of two models:
 ::
 
     python -m scripts.scripted_service --port 8100 --redis-url redis://127.0.0.1:6390/0 --tokenizer DIR \\
-        --corpus corpus.jsonl [--answer TEXT] [--delay-s 0.01] [--lease-s 2] [--store-retry-s 5] [--workers 2]
+        --corpus corpus.jsonl [--answer TEXT] [--delay-s 0.01] [--lease-s 2] [--store-retry-s 5] [--event-write-ms 100] [--workers 2]
 
 ``--workers N`` serves the port with N processes as ``megrez-search serve --workers N`` does
 (``api/workers.py``), each building its own app: its own scripted engine or OpenAI engine, Redis pools
@@ -69,7 +69,7 @@ def build_app(args: argparse.Namespace):
     retriever = Retriever(SearchChain(backends, timeout_s=2.0), Fetcher(FetchConfig()), SelectConfig())
     settings = Settings(
         agent=AgentConfig(related=args.related, answer_tokens=args.answer_tokens),
-        api=ApiConfig(turn_lease_s=args.lease_s, store_retry_s=args.store_retry_s),
+        api=ApiConfig(turn_lease_s=args.lease_s, store_retry_s=args.store_retry_s, event_write_ms=args.event_write_ms),
         rate=RateConfig(requests="", concurrent_turns=args.concurrent_turns),
         engine=EngineConfig(backend="openai", openai_base_url=args.engine_url or "http://127.0.0.1:1", retries=1),
     )
@@ -110,6 +110,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--searxng-url", help="a SearXNG-style backend tried before the corpus")
     parser.add_argument("--lease-s", type=float, default=15.0)
     parser.add_argument("--store-retry-s", type=float, default=30.0)
+    parser.add_argument("--event-write-ms", type=float, default=100.0, help="as MEGREZ_API__EVENT_WRITE_MS")
     parser.add_argument("--concurrent-turns", type=int, default=1000)
     parser.add_argument("--answer-tokens", type=int, default=3000)
     parser.add_argument("--related", action="store_true", help="generate follow-up questions")

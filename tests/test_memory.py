@@ -66,7 +66,7 @@ class Writer:
     async def events(self, *pairs: tuple[str, str]) -> list[str]:
         stored = [StoredEvent(self.ids.next(), t, d) for t, d in pairs]
         self.memory.show(self.mid, stored)
-        await self.memory.append_events(self.mid, stored)
+        await self.memory.append_events({self.mid: stored})
         return [e.id for e in stored]
 
     async def finish(self, stored: StoredTurn | None, status: str = "done") -> tuple[bool, str]:
@@ -251,8 +251,8 @@ async def test_a_retried_batch_is_not_stored_twice(store_url):
     conv = await memory.create_conversation("q")
     writer = await start(memory, conv.id, "retried")
     batch = [StoredEvent(writer.ids.next(), "token", '{"text": "once"}')]
-    await memory.append_events("retried", batch)
-    await memory.append_events("retried", batch)  # its reply was lost: the writer sends it again
+    await memory.append_events({"retried": batch})
+    await memory.append_events({"retried": batch})  # its reply was lost: the writer sends it again
     finished, _ = await writer.finish(turn("retried", "q"))
     again = await memory.finish_message("retried", turn("retried", "q"), StoredEvent("1-0", DONE, done_data("done")))
     reader = RedisMemory(store_url)

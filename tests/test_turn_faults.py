@@ -335,15 +335,15 @@ async def _no_slots(store) -> bool:
 
 
 class CountingMemory(RedisMemory):
-    """Redis memory that records each batch the turn's writer stores (its size)."""
+    """Redis memory that records each batch the turns' writer stores (its size, per message)."""
 
     def __init__(self, url: str) -> None:
         super().__init__(url)
         self.batches: list[int] = []
 
-    async def append_events(self, mid, events) -> None:
-        self.batches.append(len(events))
-        await super().append_events(mid, events)
+    async def append_events(self, batches) -> None:
+        self.batches += [len(events) for events in batches.values()]
+        await super().append_events(batches)
 
 
 async def stored_stream(redis_url: str, meta: dict) -> list[tuple[str, str, str]]:
