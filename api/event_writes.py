@@ -110,7 +110,9 @@ class StoreWriter:
         try:
             if not batches:  # the turns that were waiting ended first and took their events along
                 return
-            await self.retry(lambda: self.memory.append_events(batches), f"storing the events of {len(batches)} turn(s)")
+            await self.retry(
+                lambda: self.memory.append_events(batches), f"storing the events of {len(batches)} turn(s)"
+            )
         except StoreUnavailable as exc:
             for writer in writers.values():
                 writer._give_up(exc)

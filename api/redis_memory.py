@@ -296,7 +296,9 @@ class RedisMemory:
 
         def build(pipe) -> None:
             if last:  # first: the append refuses once the message is no longer running
-                schema.queue(pipe, "append", [schema.message(cid, mid), schema.events(cid, mid)], self._append_args(last))
+                schema.queue(
+                    pipe, "append", [schema.message(cid, mid), schema.events(cid, mid)], self._append_args(last)
+                )
             keys = [*schema.conversation_keys(cid), schema.message(cid, mid), schema.events(cid, mid)]
             args = [mid, done.id, done.data, status, turn_json, self.conversation_ttl_s, self.stream_ttl_s]
             schema.queue(pipe, "finish", keys, args)

@@ -361,9 +361,7 @@ async def test_followers_here_see_events_before_the_store_which_gets_them_with_t
     tokenizer_dir, corpus_backend, redis_url
 ):
     memory = CountingMemory(redis_url)
-    app, _ = app_with(
-        tokenizer_dir, corpus_backend, memory, SLOW, delay_s=0.01, settings=settings(event_write_ms=5000)
-    )
+    app, _ = app_with(tokenizer_dir, corpus_backend, memory, SLOW, delay_s=0.01, settings=settings(event_write_ms=5000))
     async with client_for(app) as client:
         frames, rest = await open_stream(client, tokens(3), url="/chat?websearch=off")
         meta = meta_of(frames)
