@@ -265,21 +265,21 @@ class RedisMemory:
         for mid in batches:
             here = self._live.get(mid)
             cids[mid] = here.start.conversation_id if here is not None else (await self._find(mid) or ("",))[0]
+        known = {mid: cid for mid, cid in cids.items() if cid}  # else deleted or expired: nothing to append to
 
         def build(pipe) -> None:
-            for mid, cid in cids.items():
-                if cid and batches[mid]:
-                    keys = [schema.message(cid, mid), schema.events(cid, mid)]
-                    schema.queue(pipe, "append", keys, self._append_args(batches[mid]))
+            for mid, cid in known.items():
+                self._queue_append(pipe, cid, mid, batches[mid])
 
-        if any(cids.values()):
+        if known:
             await self._pipeline(build)
 
-    def _append_args(self, events: Sequence[StoredEvent]) -> list[Any]:
+    def _queue_append(self, pipe, cid: str, mid: str, events: Sequence[StoredEvent]) -> None:
+        """Queue the ``append`` script for ``events`` of message ``mid`` (conversation ``cid``) in ``pipe``."""
         args: list[Any] = [self.stream_ttl_s]
         for event in events:
             args += [event.id, event.type, event.data]
-        return args
+        schema.queue(pipe, "append", [schema.message(cid, mid), schema.events(cid, mid)], args)
 
     async def finish_message(
         self, mid: str, turn: StoredTurn | None, done: StoredEvent, last: Sequence[StoredEvent] = ()
@@ -296,9 +296,7 @@ class RedisMemory:
 
         def build(pipe) -> None:
             if last:  # first: the append refuses once the message is no longer running
-                schema.queue(
-                    pipe, "append", [schema.message(cid, mid), schema.events(cid, mid)], self._append_args(last)
-                )
+                self._queue_append(pipe, cid, mid, last)
             keys = [*schema.conversation_keys(cid), schema.message(cid, mid), schema.events(cid, mid)]
             args = [mid, done.id, done.data, status, turn_json, self.conversation_ttl_s, self.stream_ttl_s]
             schema.queue(pipe, "finish", keys, args)
